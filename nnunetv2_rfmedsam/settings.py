@@ -1,0 +1,91 @@
+"""The SAM 2 settings of the `3d_rfmedsam2` configuration.
+
+The planner writes them into the plans (``architecture.arch_kwargs``); the network reads them from
+there. This module is the single place that knows their names, defaults and allowed values.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+# plans identifiers and configuration names users and documentation rely on
+PLANS_IDENTIFIER = "nnUNetRFMedSAM2Plans"
+STAGE1_CONFIGURATION = "3d_fullres"
+STAGE2_CONFIGURATION = "3d_rfmedsam2"
+STAGE1_TRAINER = "nnUNetTrainerRFPrompt"
+STAGE2_TRAINER = "nnUNetTrainerRFMedSAM2"
+NETWORK_CLASS = "nnunetv2_rfmedsam.model.network.RFMedSAM2Network"
+
+# sam2 1.1.0's packaged SAM 2.1 configs and Meta's official checkpoint file names, per model size
+SAM2_MODELS = {
+    "tiny": ("configs/sam2.1/sam2.1_hiera_t.yaml", "sam2.1_hiera_tiny.pt"),
+    "small": ("configs/sam2.1/sam2.1_hiera_s.yaml", "sam2.1_hiera_small.pt"),
+    "base_plus": ("configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt"),
+    "large": ("configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
+}
+OFFICIAL_CHECKPOINT_HINT = (
+    "Download an official SAM 2.1 checkpoint (sam2.1_hiera_{tiny,small,base_plus,large}.pt) from the "
+    "facebookresearch/sam2 repository (its README links the files; checkpoints/download_ckpts.sh fetches all four)"
+)
+
+# the image encoder downsamples by 16 and the memory-attention RoPE grid must match it, and Hiera's
+# window sizes need a multiple of 32
+IMAGE_SIZE_MULTIPLE = 32
+
+
+class SettingsError(ValueError):
+    """An invalid SAM 2 setting; the message names the option and the allowed values."""
+
+
+@dataclass(frozen=True)
+class SAM2Settings:
+    model_size: str = "tiny"
+    image_size: int = 512
+    adapter_width: int = 32
+    refinement_passes: int = 2
+    slices_per_patch: int = 8
+    use_memory: bool = True
+    # fraction of the box side by which each box edge is randomly moved during training
+    box_jitter: float = 0.1
+
+    def __post_init__(self):
+        validate_model_size(self.model_size)
+        validate_image_size(self.image_size)
+        if not isinstance(self.adapter_width, int) or self.adapter_width < 1:
+            raise SettingsError(f"adapter_width: {self.adapter_width!r} is not allowed; use a positive integer")
+        if self.refinement_passes not in (1, 2):
+            raise SettingsError(f"refinement_passes: {self.refinement_passes!r} is not allowed; allowed: 1, 2")
+        if not isinstance(self.slices_per_patch, int) or self.slices_per_patch < 1:
+            raise SettingsError(
+                f"slices_per_patch: {self.slices_per_patch!r} is not allowed; use a positive integer")
+        if not 0 <= self.box_jitter < 1:
+            raise SettingsError(f"box_jitter: {self.box_jitter!r} is not allowed; use a fraction in [0, 1)")
+
+    @property
+    def sam2_config(self) -> str:
+        return SAM2_MODELS[self.model_size][0]
+
+    @property
+    def official_checkpoint_name(self) -> str:
+        return SAM2_MODELS[self.model_size][1]
+
+    def to_plans(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_plans(cls, arch_kwargs: dict) -> "SAM2Settings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in arch_kwargs.items() if k in names})
+
+
+def validate_model_size(value: str, option: str = "model_size") -> str:
+    if value not in SAM2_MODELS:
+        raise SettingsError(f"{option}: {value!r} is not a SAM 2 model; allowed: {', '.join(SAM2_MODELS)}")
+    return value
+
+
+def validate_image_size(value: int, option: str = "image_size") -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % IMAGE_SIZE_MULTIPLE:
+        raise SettingsError(
+            f"{option}: {value!r} is not allowed; use a positive multiple of {IMAGE_SIZE_MULTIPLE} "
+            f"(for example 128, 256, 512, 1024)")
+    return value

@@ -1,0 +1,78 @@
+"""Shared fixtures: an nnU-Net workspace on real hippocampus cases, planned once and stage 1 trained once.
+
+The stock nnU-Net commands read their folders from environment variables when they are imported, so the
+end-to-end tests run them as subprocesses with an environment of their own.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases, split_holdout, write_raw_dataset
+
+DATASET_ID = 4
+DATASET_NAME = "Dataset004_Hippocampus"
+PLANS = "nnUNetRFMedSAM2Plans"
+# tiny budgets: the tests check that the commands work together, not that the networks are good
+TEST_SAM2_IMAGE_SIZE = 64
+STAGE1_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "2", "RFMEDSAM2_VAL_ITERS": "1"}
+
+
+def run_command(command: list[str], env: dict, expect_success: bool = True, timeout: int = 1200):
+    """Run a console command; on an unexpected result, fail with the end of its output."""
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_success and proc.returncode != 0:
+        pytest.fail(f"{' '.join(command)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
+                    f"--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def bin_command(name: str) -> str:
+    """A console script of this environment (the tests may run under a python that is not first on PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+@pytest.fixture(scope="session")
+def hippocampus_cases():
+    source = hippocampus_source()
+    train, test = split_holdout(list_cases(source), num_train=10, num_test=3)
+    return source, train, test
+
+
+@pytest.fixture(scope="session")
+def nnunet_workspace(tmp_path_factory, hippocampus_cases):
+    """Raw dataset (10 training, 3 held-out cases) and an environment pointing nnU-Net at it."""
+    source, train, test = hippocampus_cases
+    root = tmp_path_factory.mktemp("nnunet")
+    raw = write_raw_dataset(source, root / "raw" / DATASET_NAME, train, test)
+    env = dict(os.environ)
+    env.update({
+        "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
+        "nnUNet_results": str(root / "results"), "nnUNet_n_proc_DA": "1", "nnUNet_compile": "f",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    })
+    ext = run_command([bin_command("nnUNetv2_rfmedsam_ext_path")], env).stdout.strip()
+    env["nnUNet_extTrainer"] = ext
+    return {"root": root, "raw": raw, "env": env, "train": train, "test": test}
+
+
+@pytest.fixture(scope="session")
+def planned_workspace(nnunet_workspace):
+    run_command([bin_command("nnUNetv2_rfmedsam_plan_and_preprocess"), "-d", str(DATASET_ID),
+                 "-c", "3d_fullres", "3d_rfmedsam2", "-np", "1", "-npfp", "1", "--no_pbar",
+                 "--sam2-image-size", str(TEST_SAM2_IMAGE_SIZE)], nnunet_workspace["env"])
+    return nnunet_workspace
+
+
+@pytest.fixture(scope="session")
+def stage1_workspace(planned_workspace):
+    """Stage 1 trained on fold `all` with a tiny budget; its final validation wrote predicted_next_stage."""
+    env = dict(planned_workspace["env"], **STAGE1_BUDGET)
+    run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-p", PLANS,
+                 "-tr", "nnUNetTrainerRFPrompt", "-device", "cpu"], env)
+    return planned_workspace

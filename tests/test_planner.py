@@ -1,0 +1,86 @@
+import json
+import os
+
+import pytest
+
+from conftest import DATASET_ID, DATASET_NAME, PLANS, TEST_SAM2_IMAGE_SIZE, bin_command, run_command
+from nnunetv2_rfmedsam.settings import NETWORK_CLASS, SAM2Settings, SettingsError
+
+
+def load_plans(workspace, name=PLANS):
+    return json.loads((workspace["root"] / "preprocessed" / DATASET_NAME / f"{name}.json").read_text())
+
+
+def test_rfmedsam2_configuration_is_linked_to_3d_fullres(planned_workspace):
+    configurations = load_plans(planned_workspace)["configurations"]
+    stage1, stage2 = configurations["3d_fullres"], configurations["3d_rfmedsam2"]
+    assert stage1["next_stage"] == "3d_rfmedsam2"
+    assert stage2["previous_stage"] == "3d_fullres"
+    assert "next_stage" not in stage2
+    assert stage2["data_identifier"] == stage1["data_identifier"]
+    assert stage2["architecture"]["network_class_name"] == NETWORK_CLASS
+    assert stage2["architecture"]["arch_kwargs"] == SAM2Settings(image_size=TEST_SAM2_IMAGE_SIZE).to_plans()
+    assert stage2["patch_size"][0] == SAM2Settings().slices_per_patch
+    assert all(p >= m for p, m in zip(stage2["patch_size"][1:], stage1["median_image_size_in_voxels"][1:]))
+
+
+def test_default_settings_are_written():
+    written = SAM2Settings().to_plans()
+    assert written == {"model_size": "tiny", "image_size": 512, "adapter_width": 32, "refinement_passes": 2,
+                       "slices_per_patch": 8, "use_memory": True, "box_jitter": 0.1}
+
+
+def test_standard_configurations_equal_stock_planning(planned_workspace):
+    """The baseline trains from the same plans: every stock configuration must be what nnU-Net plans."""
+    run_command([bin_command("nnUNetv2_plan_experiment"), "-d", str(DATASET_ID)], planned_workspace["env"])
+    stock = load_plans(planned_workspace, "nnUNetPlans")["configurations"]
+    ours = load_plans(planned_workspace)["configurations"]
+    assert set(ours) == set(stock) | {"3d_rfmedsam2"}
+    for name, configuration in stock.items():
+        mine = {k: v for k, v in ours[name].items() if k not in ("data_identifier", "next_stage")}
+        theirs = {k: v for k, v in configuration.items() if k != "data_identifier"}
+        assert mine == theirs, name
+
+
+def test_sam2_cli_options_reach_the_plans(nnunet_workspace, tmp_path):
+    env = dict(nnunet_workspace["env"], nnUNet_preprocessed=str(tmp_path / "pre"))
+    run_command([bin_command("nnUNetv2_rfmedsam_plan_and_preprocess"), "-d", str(DATASET_ID), "--no_pp",
+                 "-npfp", "1", "--sam2-model", "small", "--sam2-image-size", "256", "--sam2-passes", "1",
+                 "--sam2-no-memory"], env)
+    plans = json.loads((tmp_path / "pre" / DATASET_NAME / f"{PLANS}.json").read_text())
+    written = plans["configurations"]["3d_rfmedsam2"]["architecture"]["arch_kwargs"]
+    assert (written["model_size"], written["image_size"], written["refinement_passes"], written["use_memory"]) == \
+        ("small", 256, 1, False)
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--sam2-image-size", "300", "multiple of 32"),
+    ("--sam2-image-size", "abc", "multiple of 32"),
+    ("--sam2-model", "huge", "tiny, small, base_plus, large"),
+    ("--sam2-passes", "3", "allowed: 1, 2"),
+])
+def test_bad_sam2_options_are_refused_before_anything_is_written(nnunet_workspace, tmp_path, option, value, expected):
+    env = dict(nnunet_workspace["env"], nnUNet_preprocessed=str(tmp_path / "pre"))
+    proc = run_command([bin_command("nnUNetv2_rfmedsam_plan_and_preprocess"), "-d", str(DATASET_ID), option, value],
+                       env, expect_success=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert option in lines[0] and expected in lines[0]
+    assert not (tmp_path / "pre").exists()
+
+
+def test_unknown_dataset_gives_nnunets_own_error(nnunet_workspace, tmp_path):
+    env = dict(nnunet_workspace["env"], nnUNet_preprocessed=str(tmp_path / "pre"))
+    proc = run_command([bin_command("nnUNetv2_rfmedsam_plan_and_preprocess"), "-d", "999"], env,
+                       expect_success=False)
+    assert proc.returncode != 0
+    assert "999" in proc.stderr and "RuntimeError" in proc.stderr
+
+
+def test_settings_reject_invalid_values():
+    with pytest.raises(SettingsError, match="image_size"):
+        SAM2Settings(image_size=100)
+    with pytest.raises(SettingsError, match="model_size"):
+        SAM2Settings(model_size="medium")
+    assert SAM2Settings.from_plans({**SAM2Settings(image_size=128).to_plans(), "unrelated": 1}).image_size == 128

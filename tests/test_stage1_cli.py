@@ -1,0 +1,54 @@
+"""Stage 1 through the stock nnU-Net commands, end to end on real hippocampus cases (tiny budget)."""
+import json
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from conftest import DATASET_ID, DATASET_NAME, PLANS, STAGE1_BUDGET, bin_command, run_command
+
+STAGE1_FOLDER = f"nnUNetTrainerRFPrompt__{PLANS}__3d_fullres"
+
+
+def test_final_validation_writes_next_stage_predictions_for_every_training_case(stage1_workspace):
+    folder = stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "predicted_next_stage" / "3d_rfmedsam2"
+    written = sorted(p.name.split(".")[0] for p in folder.iterdir() if p.suffix == ".b2nd")
+    assert written == sorted(stage1_workspace["train"])
+
+
+def test_budget_variables_are_logged(stage1_workspace):
+    logs = list((stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "fold_all").glob("training_log*"))
+    text = "".join(p.read_text() for p in logs)
+    assert "RFMEDSAM2_ITERS_PER_EPOCH: num_iterations_per_epoch = 2" in text
+
+
+def test_stock_predict_keeps_geometry_and_evaluate_folder_runs(stage1_workspace, tmp_path):
+    env, raw = stage1_workspace["env"], stage1_workspace["raw"]
+    out = tmp_path / "stage1"
+    run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                 "-c", "3d_fullres", "-p", PLANS, "-tr", "nnUNetTrainerRFPrompt", "-f", "all", "-device", "cpu",
+                 "-npp", "1", "-nps", "1"], env)
+    for case in stage1_workspace["test"]:
+        image = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
+        prediction = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        assert prediction.GetSize() == image.GetSize()
+        assert np.allclose(prediction.GetSpacing(), image.GetSpacing())
+        assert np.allclose(prediction.GetOrigin(), image.GetOrigin())
+        assert np.allclose(prediction.GetDirection(), image.GetDirection())
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
+    plans_file = stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "plans.json"
+    run_command([bin_command("nnUNetv2_evaluate_folder"), str(raw / "labelsTs"), str(out),
+                 "-djfile", str(raw / "dataset.json"), "-pfile", str(plans_file)], env)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2"}
+    assert len(summary["metric_per_case"]) == len(stage1_workspace["test"])
+
+
+def test_interrupted_training_resumes_with_continue_flag(stage1_workspace):
+    """`--c` picks up the last checkpoint and trains only the missing epochs."""
+    env = dict(stage1_workspace["env"], **STAGE1_BUDGET, RFMEDSAM2_NUM_EPOCHS="2")
+    proc = run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-p", PLANS,
+                        "-tr", "nnUNetTrainerRFPrompt", "-device", "cpu", "--c"], env)
+    assert "Epoch 1" in proc.stdout and "Epoch 0\n" not in proc.stdout
+    final = stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "fold_all" / "checkpoint_final.pth"
+    assert torch.load(final, map_location="cpu", weights_only=False)["current_epoch"] == 2
