@@ -1,3 +1,4 @@
-from nnunetv2_rfmedsam.trainers.prompt_trainer import nnUNetTrainerRFPrompt
+from nnunetv2_rfmedsam.trainers.prompt_trainer import nnUNetTrainerBudget, nnUNetTrainerRFPrompt
+from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import nnUNetTrainerRFMedSAM2
 
-__all__ = ["nnUNetTrainerRFPrompt"]
+__all__ = ["nnUNetTrainerBudget", "nnUNetTrainerRFPrompt", "nnUNetTrainerRFMedSAM2"]

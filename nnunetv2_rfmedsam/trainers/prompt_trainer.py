@@ -3,7 +3,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_rfmedsam.budget import EnvironmentBudgetMixin
 
 
-class nnUNetTrainerRFPrompt(EnvironmentBudgetMixin, nnUNetTrainer):
+class nnUNetTrainerBudget(EnvironmentBudgetMixin, nnUNetTrainer):
+    """The stock nnUNetTrainer, except that the budget variables apply: the baseline under a reduced budget."""
+
+
+class nnUNetTrainerRFPrompt(nnUNetTrainerBudget):
     """Stage 1, the prompt UNet: nnU-Net's default training, except that the budget variables apply.
 
     Its final validation writes the predictions stage 2 trains on: the plans give ``3d_fullres`` the

@@ -1,0 +1,116 @@
+import os
+from os.path import join
+
+import torch
+from torch._dynamo import OptimizedModule
+
+from nnunetv2.paths import nnUNet_results
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_rfmedsam.budget import EnvironmentBudgetMixin
+from nnunetv2_rfmedsam.model.sam2_checkpoint import SAM2CheckpointError
+from nnunetv2_rfmedsam.settings import OFFICIAL_CHECKPOINT_HINT, STAGE1_TRAINER, SAM2Settings
+from nnunetv2_rfmedsam.trainers.passes_loss import RefinementPassesLoss
+from nnunetv2_rfmedsam.trainers.schedule import WarmupPolyLRScheduler
+
+CHECKPOINT_VARIABLE = "RFMEDSAM2_SAM2_CHECKPOINT"
+ALLOW_RANDOM_INIT_VARIABLE = "RFMEDSAM2_ALLOW_RANDOM_INIT"
+
+
+class StageOnePredictionsMissing(FileNotFoundError):
+    pass
+
+
+class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
+    """Stage 2, the SAM 2 refiner: nnUNetTrainer, except
+
+    - the network is the plans' `RFMedSAM2Network` (SAM 2 with adapters), built by the stock
+      `build_network_architecture`; its SAM 2 weights are loaded from an official checkpoint when training starts;
+    - AdamW with warmup on the trainable parameters only (adapters and mask-decoder heads);
+    - no deep supervision; every refinement pass is supervised instead;
+    - stage-1 predictions come from nnUNetTrainerRFPrompt's `predicted_next_stage` folder;
+    - test-time mirroring along one axis only.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+        self.initial_lr = 3e-4
+        self.weight_decay = 1e-2
+        self.warmup_fraction = 0.05
+        if self.is_cascaded and nnUNet_results is not None:
+            # nnU-Net looks for the previous stage under this trainer's own name; stage 1 is another trainer
+            self.folder_with_segs_from_previous_stage = join(
+                nnUNet_results, self.plans_manager.dataset_name,
+                f"{STAGE1_TRAINER}__{self.plans_manager.plans_name}__{self.configuration_manager.previous_stage_name}",
+                "predicted_next_stage", self.configuration_name)
+
+    @property
+    def network_module(self):
+        module = self.network.module if self.is_ddp else self.network
+        return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+    def _do_i_compile(self):
+        # the per-slice loop over SAM 2 frames recompiles for every patch shape: compile only when asked for
+        return super()._do_i_compile() and os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=self.initial_lr, weight_decay=self.weight_decay)
+        warmup = max(1, round(self.warmup_fraction * self.num_epochs))
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, warmup)
+
+    def _build_loss(self):
+        return RefinementPassesLoss(super()._build_loss())
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        pass  # SAM 2 has a single output resolution
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        # Training keeps nnU-Net's mirroring (it is free). At test time nnU-Net averages all 2^n flips of the
+        # allowed axes, and each flip re-runs SAM 2 on every slice: one in-plane axis doubles the cost, where
+        # nnU-Net's three axes would multiply it by eight.
+        self.inference_allowed_mirroring_axes = (len(self.configuration_manager.patch_size) - 1,)
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        self.check_stage1_predictions()
+        if self.current_epoch == 0:  # a resumed run has its weights from the nnU-Net checkpoint
+            self.load_sam2_weights()
+        trainable, total = self.network_module.parameter_counts()
+        self.print_to_log_file(f"RFMedSAM 2 parameters: {trainable:,} trainable of {total:,} "
+                               f"({100 * trainable / total:.2f}%)")
+        super().on_train_start()
+
+    def check_stage1_predictions(self):
+        folder = self.folder_with_segs_from_previous_stage
+        train_keys, val_keys = self.do_split()
+        present = {name.split(".")[0] for name in os.listdir(folder)} if os.path.isdir(folder) else set()
+        missing = sorted((set(train_keys) | set(val_keys)) - present)
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            raise StageOnePredictionsMissing(
+                f"stage-1 predictions missing in {folder} for {len(missing)} case(s): {shown}. Train stage 1 first "
+                f"(nnUNetv2_train DATASET {self.configuration_manager.previous_stage_name} all -tr {STAGE1_TRAINER} "
+                f"-p {self.plans_manager.plans_name}, or all five folds): its final validation writes them")
+
+    def load_sam2_weights(self):
+        settings = SAM2Settings.from_plans(self.configuration_manager.network_arch_init_kwargs)
+        path = os.environ.get(CHECKPOINT_VARIABLE)
+        if path:
+            self.network_module.load_sam2_checkpoint(path)
+            self.print_to_log_file(f"Loaded SAM 2 ({settings.model_size}) weights from {path}")
+        elif os.environ.get(ALLOW_RANDOM_INIT_VARIABLE) == "1":
+            self.print_to_log_file(f"WARNING: {CHECKPOINT_VARIABLE} is not set and {ALLOW_RANDOM_INIT_VARIABLE}=1: "
+                                   f"SAM 2 starts from RANDOM weights; results say nothing about RFMedSAM 2's accuracy")
+        else:
+            raise SAM2CheckpointError(
+                f"{CHECKPOINT_VARIABLE} is not set: stage 2 fine-tunes SAM 2 and needs the official "
+                f"{settings.official_checkpoint_name} (model size {settings.model_size}). {OFFICIAL_CHECKPOINT_HINT}, "
+                f"then export {CHECKPOINT_VARIABLE}=/path/to/{settings.official_checkpoint_name} "
+                f"(or set {ALLOW_RANDOM_INIT_VARIABLE}=1 to train from random weights, for tests only)")

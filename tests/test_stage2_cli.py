@@ -1,0 +1,89 @@
+"""Stage 2 and the cascade through the stock nnU-Net commands, on real hippocampus cases (tiny budget)."""
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import DATASET_ID, DATASET_NAME, PLANS, bin_command, run_command
+from nnunetv2_rfmedsam.model.sam2_checkpoint import save_official_format_checkpoint
+
+STAGE2_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "1", "RFMEDSAM2_VAL_ITERS": "1"}
+STAGE1_FOLDER = f"nnUNetTrainerRFPrompt__{PLANS}__3d_fullres"
+STAGE2_FOLDER = f"nnUNetTrainerRFMedSAM2__{PLANS}__3d_rfmedsam2"
+
+
+def train_stage2(workspace, extra_env, expect_success=True):
+    env = dict(workspace["env"], **STAGE2_BUDGET, **extra_env)
+    return run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_rfmedsam2", "all", "-p", PLANS,
+                        "-tr", "nnUNetTrainerRFMedSAM2", "-device", "cpu"], env, expect_success=expect_success)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A SAM 2.1 tiny checkpoint in the official format ({"model": state_dict}), randomly initialised."""
+    path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_tiny.pt"
+    save_official_format_checkpoint(path, "tiny")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stage2_workspace(stage1_workspace, tiny_checkpoint):
+    proc = train_stage2(stage1_workspace, {"RFMEDSAM2_SAM2_CHECKPOINT": str(tiny_checkpoint)})
+    stage1_workspace["stage2_log"] = proc.stdout
+    return stage1_workspace
+
+
+def test_stage2_trains_from_an_official_format_checkpoint(stage2_workspace, tiny_checkpoint):
+    fold = stage2_workspace["root"] / "results" / DATASET_NAME / STAGE2_FOLDER / "fold_all"
+    assert (fold / "checkpoint_final.pth").is_file()
+    log = "".join(p.read_text() for p in fold.glob("training_log*"))
+    assert f"Loaded SAM 2 (tiny) weights from {tiny_checkpoint}" in log
+    assert "trainable of" in log
+
+
+def test_stage2_refuses_a_missing_checkpoint_naming_the_file(stage1_workspace, tmp_path):
+    missing = tmp_path / "nowhere" / "sam2.1_hiera_tiny.pt"
+    proc = train_stage2(stage1_workspace, {"RFMEDSAM2_SAM2_CHECKPOINT": str(missing)}, expect_success=False)
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr + proc.stdout
+
+
+def test_stage2_without_checkpoint_says_how_to_get_one(stage1_workspace):
+    proc = train_stage2(stage1_workspace, {"RFMEDSAM2_SAM2_CHECKPOINT": "", "RFMEDSAM2_ALLOW_RANDOM_INIT": ""},
+                        expect_success=False)
+    assert proc.returncode != 0
+    output = proc.stderr + proc.stdout
+    assert "RFMEDSAM2_SAM2_CHECKPOINT is not set" in output and "sam2.1_hiera_tiny.pt" in output
+
+
+def test_stage2_lists_cases_without_stage1_predictions(stage1_workspace, tiny_checkpoint, tmp_path):
+    folder = stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "predicted_next_stage" / "3d_rfmedsam2"
+    case = stage1_workspace["train"][0]
+    moved = [shutil.move(str(p), tmp_path / p.name) for p in folder.glob(f"{case}.*")]
+    try:
+        proc = train_stage2(stage1_workspace, {"RFMEDSAM2_SAM2_CHECKPOINT": str(tiny_checkpoint)}, expect_success=False)
+    finally:
+        for path in moved:
+            shutil.move(path, folder / path.name)
+    assert proc.returncode != 0
+    assert "stage-1 predictions missing" in proc.stderr and case in proc.stderr
+
+
+def test_stock_cascade_prediction_keeps_geometry(stage2_workspace, tmp_path):
+    env, raw = stage2_workspace["env"], stage2_workspace["raw"]
+    stage1_out, cascade_out = tmp_path / "stage1", tmp_path / "cascade"
+    common = ["-d", str(DATASET_ID), "-p", PLANS, "-f", "all", "-device", "cpu", "-npp", "1", "-nps", "1"]
+    run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(stage1_out), "-c", "3d_fullres",
+                 "-tr", "nnUNetTrainerRFPrompt", *common], env)
+    run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(cascade_out),
+                 "-c", "3d_rfmedsam2", "-tr", "nnUNetTrainerRFMedSAM2", "-prev_stage_predictions", str(stage1_out),
+                 *common], env)
+    for case in stage2_workspace["test"]:
+        image = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
+        prediction = sitk.ReadImage(str(cascade_out / f"{case}.nii.gz"))
+        assert prediction.GetSize() == image.GetSize()
+        assert np.allclose(prediction.GetSpacing(), image.GetSpacing())
+        assert np.allclose(prediction.GetOrigin(), image.GetOrigin())
+        assert np.allclose(prediction.GetDirection(), image.GetDirection())
+        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
