@@ -54,6 +54,8 @@ def nnunet_workspace(tmp_path_factory, hippocampus_cases):
     env.update({
         "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
         "nnUNet_results": str(root / "results"), "nnUNet_n_proc_DA": "1", "nnUNet_compile": "f",
+        # nnU-Net's export pools default to 8 processes: on a 2-core machine they starve the predictor
+        "nnUNet_def_n_proc": str(os.cpu_count()),
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     })
     ext = run_command([bin_command("nnUNetv2_rfmedsam_ext_path")], env).stdout.strip()

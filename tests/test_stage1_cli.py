@@ -46,7 +46,7 @@ def test_stock_predict_keeps_geometry_and_evaluate_folder_runs(stage1_workspace,
 
 def test_interrupted_training_resumes_with_continue_flag(stage1_workspace):
     """`--c` picks up the last checkpoint and trains only the missing epochs."""
-    env = dict(stage1_workspace["env"], **STAGE1_BUDGET, RFMEDSAM2_NUM_EPOCHS="2")
+    env = dict(stage1_workspace["env"], **dict(STAGE1_BUDGET, RFMEDSAM2_NUM_EPOCHS="2"))
     proc = run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-p", PLANS,
                         "-tr", "nnUNetTrainerRFPrompt", "-device", "cpu", "--c"], env)
     assert "Epoch 1" in proc.stdout and "Epoch 0\n" not in proc.stdout

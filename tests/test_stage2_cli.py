@@ -1,4 +1,5 @@
 """Stage 2 and the cascade through the stock nnU-Net commands, on real hippocampus cases (tiny budget)."""
+import json
 import shutil
 
 import numpy as np
@@ -11,11 +12,17 @@ from nnunetv2_rfmedsam.model.sam2_checkpoint import save_official_format_checkpo
 STAGE2_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "1", "RFMEDSAM2_VAL_ITERS": "1"}
 STAGE1_FOLDER = f"nnUNetTrainerRFPrompt__{PLANS}__3d_fullres"
 STAGE2_FOLDER = f"nnUNetTrainerRFMedSAM2__{PLANS}__3d_rfmedsam2"
+# stage 2 trains fold 0 of a split with 2 validation cases: the final validation of fold `all` would run
+# SAM 2 over every training case
+STAGE2_FOLD = "0"
 
 
 def train_stage2(workspace, extra_env, expect_success=True):
+    train = workspace["train"]
+    split = [{"train": train[2:], "val": train[:2]}]
+    (workspace["root"] / "preprocessed" / DATASET_NAME / "splits_final.json").write_text(json.dumps(split))
     env = dict(workspace["env"], **STAGE2_BUDGET, **extra_env)
-    return run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_rfmedsam2", "all", "-p", PLANS,
+    return run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_rfmedsam2", STAGE2_FOLD, "-p", PLANS,
                         "-tr", "nnUNetTrainerRFMedSAM2", "-device", "cpu"], env, expect_success=expect_success)
 
 
@@ -35,7 +42,7 @@ def stage2_workspace(stage1_workspace, tiny_checkpoint):
 
 
 def test_stage2_trains_from_an_official_format_checkpoint(stage2_workspace, tiny_checkpoint):
-    fold = stage2_workspace["root"] / "results" / DATASET_NAME / STAGE2_FOLDER / "fold_all"
+    fold = stage2_workspace["root"] / "results" / DATASET_NAME / STAGE2_FOLDER / f"fold_{STAGE2_FOLD}"
     assert (fold / "checkpoint_final.pth").is_file()
     log = "".join(p.read_text() for p in fold.glob("training_log*"))
     assert f"Loaded SAM 2 (tiny) weights from {tiny_checkpoint}" in log
@@ -73,12 +80,12 @@ def test_stage2_lists_cases_without_stage1_predictions(stage1_workspace, tiny_ch
 def test_stock_cascade_prediction_keeps_geometry(stage2_workspace, tmp_path):
     env, raw = stage2_workspace["env"], stage2_workspace["raw"]
     stage1_out, cascade_out = tmp_path / "stage1", tmp_path / "cascade"
-    common = ["-d", str(DATASET_ID), "-p", PLANS, "-f", "all", "-device", "cpu", "-npp", "1", "-nps", "1"]
+    common = ["-d", str(DATASET_ID), "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1"]
     run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(stage1_out), "-c", "3d_fullres",
-                 "-tr", "nnUNetTrainerRFPrompt", *common], env)
+                 "-tr", "nnUNetTrainerRFPrompt", "-f", "all", *common], env)
     run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(cascade_out),
-                 "-c", "3d_rfmedsam2", "-tr", "nnUNetTrainerRFMedSAM2", "-prev_stage_predictions", str(stage1_out),
-                 *common], env)
+                 "-c", "3d_rfmedsam2", "-tr", "nnUNetTrainerRFMedSAM2", "-f", STAGE2_FOLD,
+                 "-prev_stage_predictions", str(stage1_out), *common], env)
     for case in stage2_workspace["test"]:
         image = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
         prediction = sitk.ReadImage(str(cascade_out / f"{case}.nii.gz"))

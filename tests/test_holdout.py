@@ -1,0 +1,31 @@
+"""The held-out evaluation workflow end to end: plan, baseline, stage 1, cascade, predict imagesTs, compare."""
+import json
+import os
+
+from nnunetv2_rfmedsam.holdout import HoldoutRecipe, evaluate_holdout
+from nnunetv2_rfmedsam.raw_dataset import write_raw_dataset
+
+from conftest import DATASET_NAME, bin_command, run_command
+
+
+def test_holdout_workflow_trains_three_models_and_compares_them(nnunet_workspace, hippocampus_cases, tmp_path,
+                                                                 monkeypatch):
+    source, train, test = hippocampus_cases
+    write_raw_dataset(source, tmp_path / "raw" / DATASET_NAME, train[:6], test[:2])
+    env = dict(nnunet_workspace["env"], nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+               nnUNet_results=str(tmp_path / "results"), RFMEDSAM2_ALLOW_RANDOM_INIT="1")
+    monkeypatch.setenv("PATH", env["PATH"])
+    recipe = HoldoutRecipe(stage1_budget=(1, 2, 1), stage2_budget=(1, 1, 1), baseline="separate",
+                           stage2_validation_cases=1, sam2_options=["--sam2-image-size", "64"],
+                           predict_flags=["--disable_tta", "-step_size", "1"], num_processes=1)
+    metrics = evaluate_holdout(4, recipe, env, tmp_path / "out")
+
+    methods = list(metrics["methods"])
+    assert methods == ["nnU-Net (nnUNetTrainerBudget)", "stage 1 (nnUNetTrainerRFPrompt)", "RFMedSAM 2 cascade"]
+    assert set(metrics["paired"]) == set(methods[1:])
+    for name in ("metrics.json", "report.md", "dice_per_class.png", "paired_cases.png", "cases.csv"):
+        assert (tmp_path / "out" / "compare" / name).is_file()
+    split = json.loads((tmp_path / "pre" / DATASET_NAME / "splits_final.json").read_text())
+    assert len(split[0]["val"]) == 1 and len(split[0]["train"]) == 5
+    for trainer in ("nnUNetTrainerBudget", "nnUNetTrainerRFPrompt", "nnUNetTrainerRFMedSAM2"):
+        assert (tmp_path / "out" / "logs" / f"train_{trainer}.log").is_file()
