@@ -83,14 +83,22 @@ def write_stage2_split(preprocessed: Path, train_cases: list[str], num_validatio
     (preprocessed / "splits_final.json").write_text(json.dumps(split, indent=1))
 
 
+def raw_dataset_folder(dataset_id: int, env: dict) -> Path:
+    """`$nnUNet_raw/DatasetXXX_Name` from `env` (nnU-Net's own lookup reads the variables at import time)."""
+    matches = sorted(Path(env["nnUNet_raw"]).glob(f"Dataset{dataset_id:03d}_*"))
+    if len(matches) != 1:
+        raise FileNotFoundError(f"expected one folder Dataset{dataset_id:03d}_* in {env['nnUNet_raw']}, "
+                                f"found {len(matches)}")
+    return matches[0]
+
+
 def evaluate_holdout(dataset_id: int, recipe: HoldoutRecipe, env: dict, output: Path) -> dict:
     """Run the whole held-out evaluation; returns compare's metrics (also in `output/compare`)."""
-    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
     from nnunetv2_rfmedsam.evaluation.compare import compare_folders
     from nnunetv2_rfmedsam.raw_dataset import list_cases
 
-    name = convert_id_to_dataset_name(dataset_id)
-    raw = Path(env["nnUNet_raw"]) / name
+    raw = raw_dataset_folder(dataset_id, env)
+    name = raw.name
     for folder in ("imagesTs", "labelsTs"):
         if not (raw / folder).is_dir():
             raise FileNotFoundError(f"{raw / folder} does not exist: the held-out evaluation needs test images "
@@ -180,7 +188,6 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"{variable} is not set")
     recipe = HoldoutRecipe(args.stage1_budget, args.stage2_budget, args.baseline, args.stage2_validation_cases,
                            shlex.split(args.sam2_options), shlex.split(args.predict_flags), args.device, args.np)
-    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
     env = dict(os.environ)
     env["nnUNet_extTrainer"] = subprocess.run(["nnUNetv2_rfmedsam_ext_path"], env=env, capture_output=True,
                                               text=True, check=True).stdout.strip()
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = evaluate_holdout(args.d, recipe, env, args.o)
     except (CommandFailed, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
-    labels = json.loads((Path(os.environ["nnUNet_raw"]) / convert_id_to_dataset_name(args.d) / "dataset.json").read_text())
+    labels = json.loads((raw_dataset_folder(args.d, env) / "dataset.json").read_text())
     print_dice_table(metrics, {str(v): k for k, v in labels["labels"].items() if v != 0})
     print(f"\nreport: {args.o / 'compare' / 'report.md'}")
 
