@@ -78,6 +78,11 @@ def main() -> None:
     print(f"\nDice on the {len(test)} held-back cases (demo recipe; SAM 2 "
           f"{'from ' + checkpoint if checkpoint else 'from RANDOM weights'}):")
     print_dice_table(metrics, {str(v): k for k, v in labels.items() if v != 0})
+    if not checkpoint:
+        print("\nNOTE: SAM 2 ran from RANDOM weights (official SAM 2.1 weights cannot be downloaded on this machine).\n"
+              "Its frozen, random image encoder gives the adapters nothing to refine, so the cascade's Dice here shows\n"
+              "only that the pipeline runs end to end, not RFMedSAM 2's accuracy. For a real comparison, download\n"
+              "sam2.1_hiera_tiny.pt (see README.md) and run: RFMEDSAM2_SAM2_CHECKPOINT=/path/to/it make demo")
     print(f"\nreport with NSD, HD95, paired statistics and plots: {workdir / 'compare' / 'report.md'}")
     print(f"finished in {(time.time() - started) / 60:.1f} min")
 

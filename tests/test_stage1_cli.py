@@ -43,6 +43,18 @@ def test_stock_predict_keeps_geometry_and_evaluate_folder_runs(stage1_workspace,
     assert set(summary["mean"]) == {"1", "2"}
     assert len(summary["metric_per_case"]) == len(stage1_workspace["test"])
 
+    # the compare command's Dice on these real predictions is nnU-Net's, wherever nnU-Net's is defined
+    compare = tmp_path / "compare"
+    run_command([bin_command("nnUNetv2_rfmedsam_compare"), "--gt", str(raw / "labelsTs"), "--pred", f"stage1={out}",
+                 "-o", str(compare), "--labels", str(raw / "dataset.json")], env)
+    ours = {(c["case"], str(c["label"])): c["dice"]
+            for c in json.loads((compare / "metrics.json").read_text())["cases"]}
+    for entry in summary["metric_per_case"]:
+        case = entry["reference_file"].split("/")[-1].removesuffix(".nii.gz")
+        for label, values in entry["metrics"].items():
+            if not np.isnan(values["Dice"]):
+                assert abs(ours[(case, label)] - values["Dice"]) < 1e-4, (case, label)
+
 
 def test_interrupted_training_resumes_with_continue_flag(stage1_workspace):
     """`--c` picks up the last checkpoint and trains only the missing epochs."""
