@@ -5,6 +5,7 @@ end-to-end tests run them as subprocesses with an environment of their own.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nnunetv2_rfmedsam.model.sam2_checkpoint import save_official_format_checkpoint
 from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases, split_holdout, write_raw_dataset
 
 DATASET_ID = 4
@@ -20,6 +22,12 @@ PLANS = "nnUNetRFMedSAM2Plans"
 # tiny budgets: the tests check that the commands work together, not that the networks are good
 TEST_SAM2_IMAGE_SIZE = 64
 STAGE1_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "2", "RFMEDSAM2_VAL_ITERS": "1"}
+STAGE2_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "1", "RFMEDSAM2_VAL_ITERS": "1"}
+STAGE1_FOLDER = f"nnUNetTrainerRFPrompt__{PLANS}__3d_fullres"
+STAGE2_FOLDER = f"nnUNetTrainerRFMedSAM2__{PLANS}__3d_rfmedsam2"
+# stage 2 trains fold 0 of a split with 2 validation cases: the final validation of fold `all` would run
+# SAM 2 over every training case
+STAGE2_FOLD = "0"
 
 
 def run_command(command: list[str], env: dict, expect_success: bool = True, timeout: int = 1200):
@@ -29,6 +37,18 @@ def run_command(command: list[str], env: dict, expect_success: bool = True, time
         pytest.fail(f"{' '.join(command)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                     f"--- stderr\n{proc.stderr[-4000:]}")
     return proc
+
+
+def assert_same_geometry(image_file: Path, prediction_file: Path) -> None:
+    """A prediction has its input image's size, spacing, origin and direction, and only known labels."""
+    import numpy as np
+    import SimpleITK as sitk
+    image, prediction = sitk.ReadImage(str(image_file)), sitk.ReadImage(str(prediction_file))
+    assert prediction.GetSize() == image.GetSize()
+    assert np.allclose(prediction.GetSpacing(), image.GetSpacing())
+    assert np.allclose(prediction.GetOrigin(), image.GetOrigin())
+    assert np.allclose(prediction.GetDirection(), image.GetDirection())
+    assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
 
 
 def bin_command(name: str) -> str:
@@ -78,3 +98,28 @@ def stage1_workspace(planned_workspace):
     run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-p", PLANS,
                  "-tr", "nnUNetTrainerRFPrompt", "-device", "cpu"], env)
     return planned_workspace
+
+
+def train_stage2(workspace, extra_env, expect_success=True):
+    train = workspace["train"]
+    split = [{"train": train[2:], "val": train[:2]}]
+    (workspace["root"] / "preprocessed" / DATASET_NAME / "splits_final.json").write_text(json.dumps(split))
+    env = dict(workspace["env"], **STAGE2_BUDGET, **extra_env)
+    return run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_rfmedsam2", STAGE2_FOLD, "-p", PLANS,
+                        "-tr", "nnUNetTrainerRFMedSAM2", "-device", "cpu"], env, expect_success=expect_success)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A SAM 2.1 tiny checkpoint in the official format ({"model": state_dict}), randomly initialised."""
+    path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_tiny.pt"
+    save_official_format_checkpoint(path, "tiny")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stage2_workspace(stage1_workspace, tiny_checkpoint):
+    """Stage 2 trained on fold STAGE2_FOLD with a tiny budget, from the tiny official-format checkpoint."""
+    proc = train_stage2(stage1_workspace, {"RFMEDSAM2_SAM2_CHECKPOINT": str(tiny_checkpoint)})
+    stage1_workspace["stage2_log"] = proc.stdout
+    return stage1_workspace

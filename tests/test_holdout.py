@@ -1,11 +1,10 @@
 """The held-out evaluation workflow end to end: plan, baseline, stage 1, cascade, predict imagesTs, compare."""
 import json
-import os
 
 from nnunetv2_rfmedsam.holdout import HoldoutRecipe, evaluate_holdout
 from nnunetv2_rfmedsam.raw_dataset import write_raw_dataset
 
-from conftest import DATASET_NAME, bin_command, run_command
+from conftest import DATASET_NAME
 
 
 def test_holdout_workflow_trains_three_models_and_compares_them(nnunet_workspace, hippocampus_cases, tmp_path,

@@ -2,10 +2,9 @@
 import json
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
-from conftest import DATASET_ID, DATASET_NAME, PLANS, STAGE1_BUDGET, bin_command, run_command
+from conftest import DATASET_ID, DATASET_NAME, PLANS, STAGE1_BUDGET, assert_same_geometry, bin_command, run_command
 
 STAGE1_FOLDER = f"nnUNetTrainerRFPrompt__{PLANS}__3d_fullres"
 
@@ -29,13 +28,7 @@ def test_stock_predict_keeps_geometry_and_evaluate_folder_runs(stage1_workspace,
                  "-c", "3d_fullres", "-p", PLANS, "-tr", "nnUNetTrainerRFPrompt", "-f", "all", "-device", "cpu",
                  "-npp", "1", "-nps", "1"], env)
     for case in stage1_workspace["test"]:
-        image = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
-        prediction = sitk.ReadImage(str(out / f"{case}.nii.gz"))
-        assert prediction.GetSize() == image.GetSize()
-        assert np.allclose(prediction.GetSpacing(), image.GetSpacing())
-        assert np.allclose(prediction.GetOrigin(), image.GetOrigin())
-        assert np.allclose(prediction.GetDirection(), image.GetDirection())
-        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
+        assert_same_geometry(raw / "imagesTs" / f"{case}_0000.nii.gz", out / f"{case}.nii.gz")
     plans_file = stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "plans.json"
     run_command([bin_command("nnUNetv2_evaluate_folder"), str(raw / "labelsTs"), str(out),
                  "-djfile", str(raw / "dataset.json"), "-pfile", str(plans_file)], env)

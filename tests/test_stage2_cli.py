@@ -1,44 +1,8 @@
 """Stage 2 and the cascade through the stock nnU-Net commands, on real hippocampus cases (tiny budget)."""
-import json
 import shutil
 
-import numpy as np
-import pytest
-import SimpleITK as sitk
-
-from conftest import DATASET_ID, DATASET_NAME, PLANS, bin_command, run_command
-from nnunetv2_rfmedsam.model.sam2_checkpoint import save_official_format_checkpoint
-
-STAGE2_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "1", "RFMEDSAM2_VAL_ITERS": "1"}
-STAGE1_FOLDER = f"nnUNetTrainerRFPrompt__{PLANS}__3d_fullres"
-STAGE2_FOLDER = f"nnUNetTrainerRFMedSAM2__{PLANS}__3d_rfmedsam2"
-# stage 2 trains fold 0 of a split with 2 validation cases: the final validation of fold `all` would run
-# SAM 2 over every training case
-STAGE2_FOLD = "0"
-
-
-def train_stage2(workspace, extra_env, expect_success=True):
-    train = workspace["train"]
-    split = [{"train": train[2:], "val": train[:2]}]
-    (workspace["root"] / "preprocessed" / DATASET_NAME / "splits_final.json").write_text(json.dumps(split))
-    env = dict(workspace["env"], **STAGE2_BUDGET, **extra_env)
-    return run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_rfmedsam2", STAGE2_FOLD, "-p", PLANS,
-                        "-tr", "nnUNetTrainerRFMedSAM2", "-device", "cpu"], env, expect_success=expect_success)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A SAM 2.1 tiny checkpoint in the official format ({"model": state_dict}), randomly initialised."""
-    path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_tiny.pt"
-    save_official_format_checkpoint(path, "tiny")
-    return path
-
-
-@pytest.fixture(scope="session")
-def stage2_workspace(stage1_workspace, tiny_checkpoint):
-    proc = train_stage2(stage1_workspace, {"RFMEDSAM2_SAM2_CHECKPOINT": str(tiny_checkpoint)})
-    stage1_workspace["stage2_log"] = proc.stdout
-    return stage1_workspace
+from conftest import (DATASET_ID, DATASET_NAME, PLANS, STAGE1_FOLDER, STAGE2_FOLD, STAGE2_FOLDER, assert_same_geometry,
+                      bin_command, run_command, train_stage2)
 
 
 def test_stage2_trains_from_an_official_format_checkpoint(stage2_workspace, tiny_checkpoint):
@@ -87,10 +51,4 @@ def test_stock_cascade_prediction_keeps_geometry(stage2_workspace, tmp_path):
                  "-c", "3d_rfmedsam2", "-tr", "nnUNetTrainerRFMedSAM2", "-f", STAGE2_FOLD,
                  "-prev_stage_predictions", str(stage1_out), *common], env)
     for case in stage2_workspace["test"]:
-        image = sitk.ReadImage(str(raw / "imagesTs" / f"{case}_0000.nii.gz"))
-        prediction = sitk.ReadImage(str(cascade_out / f"{case}.nii.gz"))
-        assert prediction.GetSize() == image.GetSize()
-        assert np.allclose(prediction.GetSpacing(), image.GetSpacing())
-        assert np.allclose(prediction.GetOrigin(), image.GetOrigin())
-        assert np.allclose(prediction.GetDirection(), image.GetDirection())
-        assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
+        assert_same_geometry(raw / "imagesTs" / f"{case}_0000.nii.gz", cascade_out / f"{case}.nii.gz")
