@@ -46,6 +46,12 @@ class SAM2Settings:
     use_memory: bool = True
     # fraction of the box side by which each box edge is randomly moved during training
     box_jitter: float = 0.1
+    # in training, the second pass also gets a click at the first pass's errors (needs refinement_passes 2)
+    train_with_clicks: bool = True
+    # in training, the first pass leaves this fraction of a patch's slices after the first without prompts, to be
+    # segmented from memory alone (as an interactive session's unprompted slices are), and gives this fraction
+    # of the others a box without its mask (as a person's box is); 0 prompts every slice with box and mask
+    training_prompt_dropout: float = 0.25
 
     def __post_init__(self):
         validate_model_size(self.model_size)
@@ -59,6 +65,11 @@ class SAM2Settings:
                 f"slices_per_patch: {self.slices_per_patch!r} is not allowed; use a positive integer")
         if not 0 <= self.box_jitter < 1:
             raise SettingsError(f"box_jitter: {self.box_jitter!r} is not allowed; use a fraction in [0, 1)")
+        if not isinstance(self.train_with_clicks, bool):
+            raise SettingsError(f"train_with_clicks: {self.train_with_clicks!r} is not allowed; use true or false")
+        if not 0 <= self.training_prompt_dropout < 1:
+            raise SettingsError(f"training_prompt_dropout: {self.training_prompt_dropout!r} is not allowed; use a "
+                                f"fraction in [0, 1)")
 
     @property
     def sam2_config(self) -> str:

@@ -57,6 +57,17 @@ def bin_command(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """SAM 2 in this process with one torch thread: on two shared cores, two OpenMP threads competing with
+    other processes ran it about 20 times slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def hippocampus_cases():
     source = hippocampus_source()

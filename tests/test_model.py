@@ -20,7 +20,8 @@ from nnunetv2_rfmedsam.model.adapters import (CNNAdapter, DWConvAdapter, TRAINAB
 from nnunetv2_rfmedsam.model.network import RFMedSAM2Network, slices_to_sam_frames
 from nnunetv2_rfmedsam.model.prompts import (BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, MASK_PROMPT_LOGIT, NOT_A_POINT,
                                              POSITIVE_CLICK, ObjectPrompts, boxes_from_masks,
-                                             boxes_to_square_frame, jitter_boxes, masks_to_prompt_logits)
+                                             boxes_to_square_frame, drop_training_prompts, jitter_boxes,
+                                             masks_to_prompt_logits, prompts_from_masks)
 from nnunetv2_rfmedsam.model.refinement import ABSENT_LOGIT
 from nnunetv2_rfmedsam.model.sam2_checkpoint import (SAM2CheckpointError, load_sam2_checkpoint,
                                                      save_official_format_checkpoint)
@@ -34,14 +35,7 @@ SETTINGS = dict(model_size="tiny", image_size=IMAGE_SIZE, adapter_width=32, refi
 NUM_CLASSES = 2  # foreground classes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On the two shared cores, two OpenMP threads competing with other processes ran SAM 2 about 20 times
-    # slower than one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_network(seed: int = 0, **changes) -> RFMedSAM2Network:
@@ -276,6 +270,21 @@ def test_point_inputs_are_box_corners_then_clicks():
     assert with_clicks["point_coords"].shape == (2, 3, 2)
 
 
+def test_prompt_dropout_leaves_later_slices_to_memory():
+    masks = synthetic_patch()[:, 1:].reshape(-1, 4, 20, 24)  # objects (patch, class)
+    prompts = prompts_from_masks(masks, IMAGE_SIZE)
+    nearly_always = drop_training_prompts(prompts, 0.999, torch.Generator().manual_seed(0))
+    # slice 0 starts the memory, and class 2 appears on slice 1: neither goes without prompts
+    assert nearly_always.unprompted == {2, 3}
+    assert nearly_always.unmasked == {0, 1}
+    for d in (2, 3):
+        assert nearly_always.point_inputs(d) is None and nearly_always.mask_inputs(d) is None
+    assert nearly_always.point_inputs(1)["point_labels"].shape == (4, 2) and nearly_always.mask_inputs(1) is None
+    never = drop_training_prompts(prompts, 0.0)
+    assert never.unprompted == never.unmasked == frozenset()
+    assert never.mask_inputs(3).shape == (4, 1, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
+
+
 # --- the network ---
 
 def test_network_built_from_plans_like_nnunet():
@@ -335,9 +344,9 @@ def test_memory_changes_later_slices_only(loaded_network):
 
 def test_absent_class_is_background(loaded_network):
     x = synthetic_patch()
-    loaded_network.train()
+    network = variant(loaded_network, training_prompt_dropout=0.0).train()
     with torch.no_grad():
-        outputs = loaded_network(x)
+        outputs = network(x)
     for logits in outputs:
         # class 2 has no prompt on slice 0 nor slice 3
         assert (logits[:, 2, [0, 3]] == ABSENT_LOGIT).all()
@@ -345,7 +354,31 @@ def test_absent_class_is_background(loaded_network):
         assert (logits[1, 1:, 3] == ABSENT_LOGIT).all()
         assert (logits[1, :, 3].argmax(0) == 0).all()
         assert torch.isfinite(torch.softmax(logits, 1)).all()
-    loaded_network.eval()
+
+
+def test_training_segments_unprompted_slices_from_memory(loaded_network):
+    network = variant(loaded_network, training_prompt_dropout=0.999).train()
+    calls = []  # per _track_step call: (slice, whether unprompted, object scores)
+    original = network.sam._track_step
+
+    def recording(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append((kwargs["frame_idx"], kwargs["point_inputs"] is None, result[1][-1][:, 0].detach()))
+        return result
+
+    network.sam._track_step = recording
+    outputs = network(synthetic_patch())
+    assert [(d, unprompted) for d, unprompted, _ in calls] == \
+        [(0, False), (1, False), (2, True), (3, True)] + [(d, False) for d in range(4)]  # pass 2: all prompted
+    for d in (2, 3):
+        # SAM 2's object score decides presence where there is no prompt, not the stage-1 mask
+        visible = calls[d][2] > 0
+        first_pass = outputs[0][:, 1:, d].reshape(-1, 20, 24)
+        assert torch.equal((first_pass == ABSENT_LOGIT).flatten(1).all(dim=1), ~visible)
+    # the unprompted slices are trained: their loss reaches the adapters
+    outputs[0][:, 1:, 2:].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for module in adapter_modules(network.sam)
+               for p in module.parameters())
 
 
 def test_network_on_a_hippocampus_case(loaded_network):
@@ -363,7 +396,8 @@ def test_network_on_a_hippocampus_case(loaded_network):
     x = torch.from_numpy(np.concatenate([image[None], one_hot]))[None]  # (1, 3, 8, 52, 36)
     target = torch.from_numpy(label.astype(np.int64))[None]
 
-    net = variant(loaded_network).train()
+    # every slice prompted: slices left to memory decide presence themselves (see the test above)
+    net = variant(loaded_network, training_prompt_dropout=0.0).train()
     outputs = net(x)
     assert len(outputs) == 2 and all(o.shape == (1, 3, 8) + image.shape[1:] for o in outputs)
     first = outputs[0]

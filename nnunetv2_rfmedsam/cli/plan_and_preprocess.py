@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"slices per training patch (default {defaults.slices_per_patch})")
     parser.add_argument("--sam2-no-memory", action="store_true",
                         help="turn SAM 2's memory across slices off (an ablation)")
+    parser.add_argument("--sam2-no-click-training", action="store_true",
+                        help="train the second refinement pass without clicks sampled from the first pass's errors "
+                             "(an ablation; the refiner then learns box and mask prompts only)")
     return parser
 
 
@@ -81,6 +84,7 @@ def _integer(text: str):
 def sam2_settings_from_args(args: argparse.Namespace) -> SAM2Settings:
     values = {field: getattr(args, option[2:].replace("-", "_")) for option, field in SAM2_OPTIONS.items()}
     values["use_memory"] = not args.sam2_no_memory
+    values["train_with_clicks"] = not args.sam2_no_click_training
     try:
         return SAM2Settings(**values)
     except SettingsError as error:

@@ -8,6 +8,7 @@ Plain torch, no SAM 2: the label values below are SAM's prompt-encoder conventio
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +62,17 @@ def jitter_boxes(boxes: torch.Tensor, present: torch.Tensor, fraction: float, im
     return torch.where(present.unsqueeze(-1), jittered, boxes)
 
 
+def points_to_square_frame(points: torch.Tensor, image_hw: tuple[int, int], size: int) -> torch.Tensor:
+    """Points (..., 2) as (x, y) pixel indices of an (H, W) grid -> pixel indices of that grid resized to
+    size x size."""
+    height, width = image_hw
+    return (points + 0.5) * points.new_tensor([size / width, size / height]) - 0.5
+
+
 def boxes_to_square_frame(boxes: torch.Tensor, image_hw: tuple[int, int], size: int) -> torch.Tensor:
     """Boxes (..., 4) in pixel indices of an (H, W) grid -> pixel indices of that grid resized to size x size."""
-    height, width = image_hw
-    scale = boxes.new_tensor([size / width, size / height] * 2)
-    return (boxes + 0.5) * scale - 0.5
+    corners = boxes.reshape(*boxes.shape[:-1], 2, 2)
+    return points_to_square_frame(corners, image_hw, size).reshape(boxes.shape)
 
 
 def masks_to_prompt_logits(masks: torch.Tensor, size: int) -> torch.Tensor:
@@ -83,10 +90,16 @@ class ObjectPrompts:
 
     present:      (N, D) bool; where False the object is absent from the slice: it gets no prompt and its
                   output there is background (see refinement.py)
-    boxes:        (N, D, 4) x0, y0, x1, y1, used where present
+    boxes:        (N, D, 4) x0, y0, x1, y1, used where `boxed`
     mask_logits:  (N, D, S/4, S/4) mask prompts as logits, or None for no mask prompt
     clicks:       (N, D, P, 2) extra points (x, y), or None; `click_labels` (N, D, P) holds POSITIVE_CLICK,
                   NEGATIVE_CLICK or NOT_A_POINT (padding) for each
+    boxed:        (N, D) bool, where the box is given; None means wherever present (a positive click can
+                  make an object present on a slice that has no box)
+    unprompted:   slices without any prompt for any object: SAM 2 segments them from memory alone and decides
+                  itself whether each object is there (`present` does not apply; see refinement.py)
+    unmasked:     slices without a mask prompt for any object (SAM's prompt encoder takes masks for all objects
+                  of a batch or for none)
     """
 
     present: torch.Tensor
@@ -94,15 +107,22 @@ class ObjectPrompts:
     mask_logits: torch.Tensor | None = None
     clicks: torch.Tensor | None = None
     click_labels: torch.Tensor | None = None
+    boxed: torch.Tensor | None = None
+    unprompted: frozenset[int] = frozenset()
+    unmasked: frozenset[int] = frozenset()
 
-    def point_inputs(self, slice_index: int) -> dict:
-        """SAM 2's `point_inputs` on one slice: the box corners (NOT_A_POINT where absent), then the clicks.
+    def point_inputs(self, slice_index: int) -> dict | None:
+        """SAM 2's `point_inputs` on one slice: the box corners (NOT_A_POINT where there is no box), then the
+        clicks.
 
         The box slot is always there, so SAM 2 always sees at least two points and gives its single-mask
-        output (SAM 2.1 gives three candidate masks for zero or one point)."""
-        present = self.present[:, slice_index, None]
+        output (SAM 2.1 gives three candidate masks for zero or one point). None on an unprompted slice: there
+        SAM 2 picks among its candidate masks, as its video predictor does on frames without prompts."""
+        if slice_index in self.unprompted:
+            return None
+        boxed = (self.present if self.boxed is None else self.boxed)[:, slice_index, None]
         coords = self.boxes[:, slice_index].reshape(-1, 2, 2)
-        labels = torch.where(present, torch.tensor([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], device=present.device),
+        labels = torch.where(boxed, torch.tensor([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], device=boxed.device),
                              NOT_A_POINT)
         if self.clicks is not None:
             coords = torch.cat([coords, self.clicks[:, slice_index]], dim=1)
@@ -111,7 +131,9 @@ class ObjectPrompts:
 
     def mask_inputs(self, slice_index: int) -> torch.Tensor | None:
         """SAM 2's `mask_inputs` on one slice: (N, 1, S/4, S/4) logits, or None."""
-        return None if self.mask_logits is None else self.mask_logits[:, slice_index, None]
+        if self.mask_logits is None or slice_index in self.unprompted or slice_index in self.unmasked:
+            return None
+        return self.mask_logits[:, slice_index, None]
 
 
 def prompts_from_masks(masks: torch.Tensor, image_size: int, mask_logits: torch.Tensor | None = None,
@@ -129,3 +151,20 @@ def prompts_from_masks(masks: torch.Tensor, image_size: int, mask_logits: torch.
         mask_logits = masks_to_prompt_logits(masks, image_size // MASK_PROMPT_STRIDE)
     return ObjectPrompts(present=present, boxes=boxes_to_square_frame(boxes, masks.shape[-2:], image_size),
                          mask_logits=mask_logits)
+
+
+def drop_training_prompts(prompts: ObjectPrompts, fraction: float,
+                          generator: torch.Generator | None = None) -> ObjectPrompts:
+    """Sparser training prompts, closer to what a person gives: each slice after the first is left without
+    prompts with probability `fraction` (SAM 2 segments it from memory), and each other slice loses its mask
+    prompt with probability `fraction` (a box alone).
+
+    The first slice always keeps its prompts: it starts the memory. A slice is only left without prompts where
+    no object appears that is absent from the slice before it: SAM 2 tracks objects, it does not discover them.
+    """
+    num_slices = prompts.present.shape[1]
+    draws = torch.rand(2, num_slices, generator=generator).tolist()
+    appears = (prompts.present[:, 1:] & ~prompts.present[:, :-1]).any(dim=0).tolist()
+    unprompted = frozenset(d for d in range(1, num_slices) if draws[0][d] < fraction and not appears[d - 1])
+    unmasked = frozenset(d for d in range(num_slices) if d not in unprompted and draws[1][d] < fraction)
+    return dataclasses.replace(prompts, unprompted=unprompted, unmasked=unmasked)

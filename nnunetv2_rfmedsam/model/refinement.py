@@ -6,16 +6,21 @@ batch dimension (object n is batch item n // K, class n % K). The image encoder 
 
 With memory, slice 0 is the initial conditioning frame and each later slice is conditioned, through memory
 attention, on slice 0's memory and on the memories and object pointers of the slices before it, the way
-SAM 2's video predictor tracks. Unlike in video tracking, every slice also has its own prompts: memory adds
-the context of the slices before it. Without memory (an ablation), every slice is processed like an initial
+SAM 2's video predictor tracks. Unlike in video tracking, every slice also has its own prompts (in training,
+some go without: see below): memory adds the context of the slices before it. Without memory (an ablation), every slice is processed like an initial
 frame: `no_mem_embed` is added to its features and no memories are written.
 
-Object presence comes from the prompts. An object absent from a slice gets no box (its point slots are
-padding) and whatever SAM 2 computes for it there is replaced: its output is the constant ABSENT_LOGIT, and
-its memory for later slices says "absent" exactly as SAM 2 writes an object it scores as not visible: mask
-logits NO_OBJ_SCORE, a negative object score (so the memory encoder adds `no_obj_embed_spatial`), and
-`no_obj_ptr` as its object pointer. A present object's memory is SAM 2's usual one, encoded from its
-predicted mask, with a positive object score.
+Object presence comes from the prompts (`ObjectPrompts.present`: a box, or in training a positive click). An
+object absent from a slice gets no box (its point slots are padding) and whatever SAM 2 computes for it there
+is replaced: its output is the constant ABSENT_LOGIT, and its memory for later slices says "absent" exactly as
+SAM 2 writes an object it scores as not visible: mask logits NO_OBJ_SCORE, a negative object score (so the
+memory encoder adds `no_obj_embed_spatial`), and `no_obj_ptr` as its object pointer. A present object's memory
+is SAM 2's usual one, encoded from its predicted mask, with a positive object score.
+
+Unprompted slices (`ObjectPrompts.unprompted`, in training only: see `drop_training_prompts`) are segmented as
+SAM 2's video predictor segments frames without prompts: from memory alone, SAM 2 itself deciding whether each
+object is there. That is how an interactive session (interactive/propagation.py) segments the slices a person
+did not prompt, so training covers it.
 """
 from __future__ import annotations
 
@@ -67,12 +72,34 @@ class SliceLogits(NamedTuple):
     # both are ABSENT_LOGIT where the object is absent
 
 
+def logits_to_grid(low_res: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """SAM 2's low-resolution mask logits (..., S/4, S/4) resized to a slice grid (..., H, W)."""
+    lead = low_res.shape[:-2]
+    flat = low_res.reshape(1, -1, *low_res.shape[-2:])
+    # antialiasing matters where S/4 exceeds the patch grid (large S, small structures' patches)
+    resized = F.interpolate(flat, size=tuple(grid_hw), mode="bilinear", align_corners=False, antialias=True)
+    return resized.reshape(*lead, *grid_hw)
+
+
+def encode_slice_memory(sam_model: SAM2Base, frame_out: dict, vision_feats: list[torch.Tensor],
+                        feat_sizes: list[tuple[int, int]], point_inputs: dict | None, high_res: torch.Tensor,
+                        obj_ptr: torch.Tensor, present: torch.Tensor) -> None:
+    """Write one slice's memory and object pointer into `frame_out` (SAM 2's per-frame output dict), saying
+    "absent" for the objects where `present` (N,) is False (see the module docstring)."""
+    frame_out["obj_ptr"] = torch.where(present[:, None], obj_ptr, sam_model.no_obj_ptr)
+    sam_model._encode_memory_in_output(
+        vision_feats, feat_sizes, point_inputs, run_mem_encoder=True,
+        high_res_masks=torch.where(present[:, None, None, None], high_res, NO_OBJ_SCORE),
+        object_score_logits=torch.where(present[:, None], PRESENT_SCORE, ABSENT_SCORE),
+        current_out=frame_out)
+
+
 def refine_slices(sam_model: SAM2Base, features: SliceFeatures, prompts: ObjectPrompts, use_memory: bool,
                   patch_hw: tuple[int, int]) -> SliceLogits:
     """SAM 2's mask logits for every object on every slice, given the prompts (see the module docstring)."""
     num_objects, num_slices = prompts.present.shape
     memory_bank = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-    low_res_per_slice = []
+    low_res_per_slice, present_per_slice = [], []
     for d in range(num_slices):
         vision_feats, vision_pos_embeds = features.for_objects(d, num_objects)
         point_inputs = prompts.point_inputs(d)
@@ -81,21 +108,25 @@ def refine_slices(sam_model: SAM2Base, features: SliceFeatures, prompts: ObjectP
             current_vision_pos_embeds=vision_pos_embeds, feat_sizes=features.feat_sizes,
             point_inputs=point_inputs, mask_inputs=prompts.mask_inputs(d), output_dict=memory_bank,
             num_frames=num_slices, track_in_reverse=False, prev_sam_mask_logits=None)
-        _, _, _, low_res, high_res, obj_ptr, _ = sam_outputs
-        present = prompts.present[:, d]
-        low_res_per_slice.append(torch.where(present[:, None, None, None], low_res, ABSENT_LOGIT))
+        _, _, _, low_res, high_res, obj_ptr, object_score = sam_outputs
+        if d in prompts.unprompted:
+            # as SAM 2's tracking decides: its object score says whether the object is there (SAM 2 has then
+            # already set the mask of an absent object to NO_OBJ_SCORE), and its mask where
+            present = object_score[:, 0] > 0
+        else:
+            present = prompts.present[:, d]
+        low_res = torch.where(present[:, None, None, None], low_res, ABSENT_LOGIT)
+        low_res_per_slice.append(low_res)
+        present_per_slice.append(present)
         if use_memory and d < num_slices - 1:  # the last slice's memory would have no reader
-            frame_out["obj_ptr"] = torch.where(present[:, None], obj_ptr, sam_model.no_obj_ptr)
-            sam_model._encode_memory_in_output(
-                vision_feats, features.feat_sizes, point_inputs, run_mem_encoder=True,
-                high_res_masks=torch.where(present[:, None, None, None], high_res, NO_OBJ_SCORE),
-                object_score_logits=torch.where(present[:, None], PRESENT_SCORE, ABSENT_SCORE),
-                current_out=frame_out)
+            # an unprompted object whose mask is empty is written as absent, as the interactive session does
+            remembered = present & (low_res > 0).flatten(1).any(dim=1) if d in prompts.unprompted else present
+            encode_slice_memory(sam_model, frame_out, vision_feats, features.feat_sizes, point_inputs, high_res,
+                                obj_ptr, remembered)
             memory_bank["cond_frame_outputs" if d == 0 else "non_cond_frame_outputs"][d] = frame_out
 
     low_res = torch.cat(low_res_per_slice, dim=1)  # (N, D, S/4, S/4)
-    # antialiasing matters where S/4 exceeds the patch grid (large S, small structures' patches)
-    patch = F.interpolate(low_res, size=tuple(patch_hw), mode="bilinear", align_corners=False, antialias=True)
+    patch = logits_to_grid(low_res, patch_hw)
     # resampling a constant is only nearly constant in floating point: restore it exactly
-    patch = torch.where(prompts.present[:, :, None, None], patch, ABSENT_LOGIT)
+    patch = torch.where(torch.stack(present_per_slice, dim=1)[:, :, None, None], patch, ABSENT_LOGIT)
     return SliceLogits(low_res=low_res, patch=patch)

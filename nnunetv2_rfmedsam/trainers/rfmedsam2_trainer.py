@@ -29,7 +29,8 @@ class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
     - AdamW with warmup on the trainable parameters only (adapters and mask-decoder heads);
     - no deep supervision; every refinement pass is supervised instead;
     - stage-1 predictions come from nnUNetTrainerRFPrompt's `predicted_next_stage` folder;
-    - test-time mirroring along one axis only.
+    - test-time mirroring along one axis only;
+    - each training step hands the network its target, for the second pass's clicks at the first pass's errors.
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -64,6 +65,12 @@ class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
     def _build_loss(self):
         return RefinementPassesLoss(super()._build_loss())
 
+    def train_step(self, batch: dict) -> dict:
+        # pass 2's training clicks come from pass 1's errors against the target, which nnU-Net's train_step does
+        # not give the network; the network reads it only when its plans ask for click training
+        self.network_module.set_click_targets(batch["target"])
+        return super().train_step(batch)
+
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # SAM 2 has a single output resolution
 
@@ -85,6 +92,13 @@ class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
         trainable, total = self.network_module.parameter_counts()
         self.print_to_log_file(f"RFMedSAM 2 parameters: {trainable:,} trainable of {total:,} "
                                f"({100 * trainable / total:.2f}%)")
+        settings = self.network_module.settings
+        clicks = settings.train_with_clicks and settings.refinement_passes > 1
+        self.print_to_log_file(f"Point prompts in training (pass 2 gets a click at pass 1's errors on each slice): "
+                               f"{'on' if clicks else 'off'}")
+        dropout = settings.training_prompt_dropout if settings.use_memory else 0.0
+        self.print_to_log_file(f"Prompt dropout in training: {dropout:.0%} of slices after the first from memory "
+                               f"alone, {dropout:.0%} of the others with a box but no mask")
         super().on_train_start()
 
     def check_stage1_predictions(self):
