@@ -7,8 +7,9 @@ batch dimension (object n is batch item n // K, class n % K). The image encoder 
 With memory, slice 0 is the initial conditioning frame and each later slice is conditioned, through memory
 attention, on slice 0's memory and on the memories and object pointers of the slices before it, the way
 SAM 2's video predictor tracks. Unlike in video tracking, every slice also has its own prompts (in training,
-some go without: see below): memory adds the context of the slices before it. Without memory (an ablation), every slice is processed like an initial
-frame: `no_mem_embed` is added to its features and no memories are written.
+some go without: see below): memory adds the context of the slices before it. Without memory (an ablation),
+every slice is processed like an initial frame: `no_mem_embed` is added to its features and no memories are
+written.
 
 Object presence comes from the prompts (`ObjectPrompts.present`: a box, or in training a positive click). An
 object absent from a slice gets no box (its point slots are padding) and whatever SAM 2 computes for it there
