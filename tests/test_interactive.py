@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from conftest import DATASET_NAME, STAGE1_FOLDER, STAGE2_FOLD, STAGE2_FOLDER, assert_same_geometry, bin_command
 from nnunetv2_rfmedsam.cli import click_eval, interactive
 from nnunetv2_rfmedsam.cli.plan_and_preprocess import build_parser, sam2_settings_from_args
+from nnunetv2_rfmedsam.evaluation.metrics import dice_score
 from nnunetv2_rfmedsam.evaluation.plots import DPI
 from nnunetv2_rfmedsam.interactive import InteractiveError, InteractiveSession, PromptError
-from nnunetv2_rfmedsam.interactive.click_simulation import dice, next_click, start_box
+from nnunetv2_rfmedsam.interactive.click_simulation import next_click, start_box
 from nnunetv2_rfmedsam.model.error_clicks import sample_error_clicks
 from nnunetv2_rfmedsam.model.network import RFMedSAM2Network
 from nnunetv2_rfmedsam.model.prompts import NEGATIVE_CLICK, NOT_A_POINT, POSITIVE_CLICK
@@ -314,7 +315,7 @@ def test_next_click_is_inside_the_largest_error_region():
     z, y, x, label = next_click(prediction, truth, (1.0, 1.0, 1.0))
     assert label == 0 and prediction[z, y, x] and not truth[z, y, x]
     assert next_click(truth, truth, (1.0, 1.0, 1.0)) is None
-    assert dice(truth, truth) == 1.0 and dice(truth, ~truth) == 0.0 and dice(truth & False, truth & False) == 1.0
+    assert dice_score(truth, truth) == 1.0 and dice_score(truth, ~truth) == 0.0 and dice_score(truth & False, truth & False) == 1.0
 
 
 def test_start_box_is_the_truth_box_on_the_largest_slice():
@@ -372,6 +373,24 @@ def test_click_evaluation_from_stage1_needs_its_predictions(model_dir, two_cases
     assert exit_.value.code == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: --start stage1 needs --prev_stage_predictions") and stderr.count("\n") == 1
+
+
+def test_click_evaluation_refuses_a_corrupt_stage1_prediction(model_dir, two_cases, tmp_path, capsys):
+    predictions = tmp_path / "stage1"
+    predictions.mkdir()
+    for name in two_cases["names"]:
+        shutil.copy(two_cases["stage1"] / f"{name}.nii.gz", predictions)
+    corrupt = predictions / f"{two_cases['names'][0]}.nii.gz"
+    corrupt.write_bytes(b"not a NIfTI file")
+    with pytest.raises(SystemExit) as exit_:
+        click_eval.main(["-m", str(model_dir), "-f", STAGE2_FOLD, "-i", str(two_cases["images"]),
+                         "--gt", str(two_cases["labels"]), "--start", "stage1", "--prev_stage_predictions",
+                         str(predictions), "--clicks", "1", "-o", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    # after the progress bar: one error line
+    assert f"error: stage-1 prediction: cannot read {corrupt}" in stderr and stderr.count("error:") == 1
+    assert not (tmp_path / "out").exists()
 
 
 # --- training with point prompts ---

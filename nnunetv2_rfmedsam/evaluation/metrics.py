@@ -54,6 +54,12 @@ class ClassMetrics:
     hd95: float
 
 
+def dice_score(reference: np.ndarray, prediction: np.ndarray) -> float:
+    """Dice of two boolean masks: 1 when both are empty, 0 when only one is."""
+    total = int(np.count_nonzero(reference)) + int(np.count_nonzero(prediction))
+    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(reference & prediction)) / total
+
+
 def class_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float],
                   tolerance_mm: float = DEFAULT_TOLERANCE_MM) -> ClassMetrics:
     """Dice, NSD and HD95 of two boolean masks of the same shape; spacing in array axis order (mm)."""
@@ -67,8 +73,7 @@ def class_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: Sequen
         return ClassMetrics(dice=1.0, nsd=1.0, hd95=math.nan)
     if reference_count == 0 or prediction_count == 0:
         return ClassMetrics(dice=0.0, nsd=0.0, hd95=math.nan)
-    overlap = int(np.logical_and(reference, prediction).sum())
-    dice = 2.0 * overlap / (reference_count + prediction_count)
+    dice = dice_score(reference, prediction)
     # distances to the nearest surface voxel do not change outside the objects' bounding box, and on large
     # CT volumes the distance transform of the whole image would dominate the run time
     crop = _bounding_box(reference | prediction)

@@ -20,13 +20,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import ndimage
 from tqdm import tqdm
 
-from nnunetv2_rfmedsam.evaluation.compare import write_atomically
+from nnunetv2_rfmedsam.evaluation.compare import CompareError, read_label_map, write_atomically
+from nnunetv2_rfmedsam.evaluation.metrics import dice_score
 from nnunetv2_rfmedsam.evaluation.plots import DICE_AXIS_LIMITS, DPI, figure_to_png
 from nnunetv2_rfmedsam.interactive.session import InteractiveSession
 
@@ -35,12 +35,6 @@ START_MODES = ("box", "stage1")
 
 class ClickEvaluationError(ValueError):
     """Bad input to the click evaluation; the message names the file or option."""
-
-
-def dice(prediction: np.ndarray, target: np.ndarray) -> float:
-    """Dice of two boolean masks; 1.0 when both are empty."""
-    total = int(prediction.sum()) + int(target.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(prediction, target).sum()) / total
 
 
 def start_box(target: np.ndarray) -> tuple[int, tuple[int, int, int, int]]:
@@ -91,14 +85,14 @@ def simulate_class(session: InteractiveSession, class_id: int, target: np.ndarra
     elif (stage1 == class_id).any():
         session.add_mask(class_id, stage1)
     prediction = session.label_map() == class_id
-    scores = [dice(prediction, target)]
+    scores = [dice_score(target, prediction)]
     for _ in range(clicks):
         click = next_click(prediction, target, spacing)
         if click is not None:
             z, y, x, label = click
             session.add_points(class_id, z, [(y, x, label)])
             prediction = session.label_map() == class_id
-        scores.append(dice(prediction, target))
+        scores.append(dice_score(target, prediction))
     return scores
 
 
@@ -122,10 +116,14 @@ def list_cases(images_dir: Path, labels_dir: Path, file_ending: str, num_channel
     return files
 
 
-def read_label_map(path: Path, shape: tuple[int, ...], what: str) -> np.ndarray:
+def read_case_labels(path: Path, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A case's label map (ground truth or stage-1 prediction), on the image's grid."""
     if not path.is_file():
         raise ClickEvaluationError(f"{what} {path}: no such file")
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    try:
+        labels, _ = read_label_map(str(path))
+    except CompareError as error:
+        raise ClickEvaluationError(f"{what}: {error}") from None
     if labels.shape != tuple(shape):
         raise ClickEvaluationError(f"{what} {path}: shape {labels.shape} differs from the image's {tuple(shape)}")
     return labels
@@ -150,9 +148,9 @@ def evaluate_clicks(session: InteractiveSession, images_dir, labels_dir, start: 
     for case, channels in tqdm(cases.items(), desc="click simulation", unit="case", disable=not progress):
         session.set_image(channels)
         shape = session.image.original_shape
-        truth = read_label_map(Path(labels_dir) / f"{case}{ending}", shape, "label")
+        truth = read_case_labels(Path(labels_dir) / f"{case}{ending}", shape, "label")
         stage1 = None if start == "box" else \
-            read_label_map(Path(prev_stage_predictions) / f"{case}{ending}", shape, "stage-1 prediction")
+            read_case_labels(Path(prev_stage_predictions) / f"{case}{ending}", shape, "stage-1 prediction")
         spacing = session.image.properties["spacing"]
         results[case] = {str(c): simulate_class(session, c, truth == c, start, stage1, clicks, spacing)
                          for c in sorted(session.class_names) if (truth == c).any()}
