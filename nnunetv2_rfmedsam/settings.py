@@ -39,7 +39,8 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class SAM2Settings:
     model_size: str = "tiny"
-    image_size: int = 512
+    # 1024: the size SAM 2 was trained at (see planners/ for the reasoning and the cheaper unpadded sizes)
+    image_size: int = 1024
     adapter_width: int = 32
     refinement_passes: int = 2
     slices_per_patch: int = 8
@@ -52,9 +53,28 @@ class SAM2Settings:
     # segmented from memory alone (as an interactive session's unprompted slices are), and gives this fraction
     # of the others a box without its mask (as a person's box is); 0 prompts every slice with box and mask
     training_prompt_dropout: float = 0.25
+    # the refinement starts at its prompt: the output is a learned per-class gate between the stage-1 mask and SAM 2's
+    # logits, starting at the stage-1 mask (false: the paper's plain refiner, SAM 2's logits alone)
+    start_at_prompt: bool = True
+    # weight of the presence loss (BCE of SAM 2's object score against the target's presence per slice) beside
+    # nnU-Net's Dice + CE; 0 leaves the object-score head frozen
+    presence_loss_weight: float = 1.0
+    # per image channel, the window (low, high) of nnU-Net's normalised intensities mapped to SAM 2's [0, 1] pixel
+    # range; None: the planner's defaults (see model/frames.py)
+    intensity_windows: list | None = None
 
     def __post_init__(self):
         validate_model_size(self.model_size)
+        if not isinstance(self.start_at_prompt, bool):
+            raise SettingsError(f"start_at_prompt: {self.start_at_prompt!r} is not allowed; use true or false")
+        if not (isinstance(self.presence_loss_weight, (int, float)) and self.presence_loss_weight >= 0):
+            raise SettingsError(f"presence_loss_weight: {self.presence_loss_weight!r} is not allowed; use a number >= 0")
+        if self.intensity_windows is not None:
+            windows = self.intensity_windows
+            if not (isinstance(windows, (list, tuple)) and windows and all(
+                    isinstance(w, (list, tuple)) and len(w) == 2 and float(w[0]) < float(w[1]) for w in windows)):
+                raise SettingsError(f"intensity_windows: {windows!r} is not allowed; use one [low, high] per image "
+                                    f"channel with low < high")
         validate_image_size(self.image_size)
         if not isinstance(self.adapter_width, int) or self.adapter_width < 1:
             raise SettingsError(f"adapter_width: {self.adapter_width!r} is not allowed; use a positive integer")

@@ -18,16 +18,19 @@ def test_rfmedsam2_configuration_is_linked_to_3d_fullres(planned_workspace):
     assert "next_stage" not in stage2
     assert stage2["data_identifier"] == stage1["data_identifier"]
     assert stage2["architecture"]["network_class_name"] == NETWORK_CLASS
-    assert stage2["architecture"]["arch_kwargs"] == SAM2Settings(image_size=TEST_SAM2_IMAGE_SIZE).to_plans()
+    # hippocampus MRI is z-scored: the planner writes the z-score window of SAM 2's pixel range
+    assert stage2["architecture"]["arch_kwargs"] == SAM2Settings(image_size=TEST_SAM2_IMAGE_SIZE,
+                                                                 intensity_windows=[[-3.0, 3.0]]).to_plans()
     assert stage2["patch_size"][0] == SAM2Settings().slices_per_patch
     assert all(p >= m for p, m in zip(stage2["patch_size"][1:], stage1["median_image_size_in_voxels"][1:]))
 
 
 def test_default_settings_are_written():
     written = SAM2Settings().to_plans()
-    assert written == {"model_size": "tiny", "image_size": 512, "adapter_width": 32, "refinement_passes": 2,
+    assert written == {"model_size": "tiny", "image_size": 1024, "adapter_width": 32, "refinement_passes": 2,
                        "slices_per_patch": 8, "use_memory": True, "box_jitter": 0.1, "train_with_clicks": True,
-                       "training_prompt_dropout": 0.25}
+                       "training_prompt_dropout": 0.25, "start_at_prompt": True, "presence_loss_weight": 1.0,
+                       "intensity_windows": None}
 
 
 def test_standard_configurations_equal_stock_planning(planned_workspace):
@@ -46,11 +49,11 @@ def test_sam2_cli_options_reach_the_plans(nnunet_workspace, tmp_path):
     env = dict(nnunet_workspace["env"], nnUNet_preprocessed=str(tmp_path / "pre"))
     run_command([bin_command("nnUNetv2_rfmedsam_plan_and_preprocess"), "-d", str(DATASET_ID), "--no_pp",
                  "-npfp", "1", "--sam2-model", "small", "--sam2-image-size", "256", "--sam2-passes", "1",
-                 "--sam2-no-memory"], env)
+                 "--sam2-no-memory", "--sam2-plain-refiner", "--sam2-no-presence-loss"], env)
     plans = json.loads((tmp_path / "pre" / DATASET_NAME / f"{PLANS}.json").read_text())
     written = plans["configurations"]["3d_rfmedsam2"]["architecture"]["arch_kwargs"]
-    assert (written["model_size"], written["image_size"], written["refinement_passes"], written["use_memory"]) == \
-        ("small", 256, 1, False)
+    assert (written["model_size"], written["image_size"], written["refinement_passes"], written["use_memory"],
+            written["start_at_prompt"], written["presence_loss_weight"]) == ("small", 256, 1, False, False, 0.0)
 
 
 @pytest.mark.parametrize("option, value, expected", [

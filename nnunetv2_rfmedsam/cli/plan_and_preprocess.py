@@ -25,6 +25,19 @@ SAM2_OPTIONS = {  # command-line option -> SAM2Settings field
     "--sam2-slices-per-patch": "slices_per_patch",
 }
 
+# The figures are those of model/hiera_windows.py (tested there), read off sam2's configs and hieradet.py. Hiera
+# attends in windows of 8, 4, 14 and 7 tokens on its S/4, S/8, S/16 and S/32 grids (tiny, small, base_plus;
+# large: 8, 4, 16, 8) and pads each grid with zeros to whole windows, masking nothing. With the encoder frozen,
+# padding it was not trained with changes its features.
+IMAGE_SIZE_HELP = (
+    "SAM 2 input size in pixels, a multiple of 32 (default {default}). 1024 is what SAM 2 was trained at: the "
+    "default, for GPU use. Multiples of 224 (224, 448, 896) leave no attention window of Hiera padded at any "
+    "stage for the tiny, small and base_plus models and are the cheaper choices, 224 for CPU demos (the large "
+    "model's windows need multiples of 256 instead). Other multiples of 32 work but pad the windows at the "
+    "grid's edges with zeros, and the frozen encoder never saw mostly padded windows beyond those of 1024: "
+    "tiny's edge windows at stages 3 and 4 are 43%% zeros at 1024 (and at 128), 71%% at 512, 86%% at 256. "
+    "Planning warns when a size pads a stage's edge windows by more than a third and more than at 1024.")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -58,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sam2-model", default=defaults.model_size,
                         help=f"SAM 2 model size: {', '.join(SAM2_MODELS)} (default {defaults.model_size})")
     parser.add_argument("--sam2-image-size", type=_integer, default=defaults.image_size,
-                        help=f"SAM 2 input size, a multiple of 32 (default {defaults.image_size})")
+                        help=IMAGE_SIZE_HELP.format(default=defaults.image_size))
     parser.add_argument("--sam2-adapter-width", type=_integer, default=defaults.adapter_width,
                         help=f"hidden width of the adapters (default {defaults.adapter_width})")
     parser.add_argument("--sam2-passes", type=_integer, default=defaults.refinement_passes,
@@ -67,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"slices per training patch (default {defaults.slices_per_patch})")
     parser.add_argument("--sam2-no-memory", action="store_true",
                         help="turn SAM 2's memory across slices off (an ablation)")
+    parser.add_argument("--sam2-plain-refiner", action="store_true",
+                        help="the paper's plain refiner, SAM 2's logits alone (an ablation); by default the refinement "
+                             "starts at the stage-1 mask through a learned per-class gate, so an untrained refiner "
+                             "reproduces stage 1 exactly")
+    parser.add_argument("--sam2-no-presence-loss", action="store_true",
+                        help="leave SAM 2's object-score head frozen, without the presence loss (an ablation)")
     parser.add_argument("--sam2-no-click-training", action="store_true",
                         help="train the second refinement pass without clicks sampled from the first pass's errors "
                              "(an ablation; the refiner then learns box and mask prompts only)")
@@ -85,6 +104,9 @@ def sam2_settings_from_args(args: argparse.Namespace) -> SAM2Settings:
     values = {field: getattr(args, option[2:].replace("-", "_")) for option, field in SAM2_OPTIONS.items()}
     values["use_memory"] = not args.sam2_no_memory
     values["train_with_clicks"] = not args.sam2_no_click_training
+    values["start_at_prompt"] = not args.sam2_plain_refiner
+    if args.sam2_no_presence_loss:
+        values["presence_loss_weight"] = 0.0
     try:
         return SAM2Settings(**values)
     except SettingsError as error:
@@ -144,8 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         parser.error(f"-np: give one number or one per configuration ({len(args.c)}), not {len(args.np)}")
 
+    from nnunetv2_rfmedsam.model.hiera_windows import padding_warning
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints,
                                                                       plan_experiment_dataset, preprocess)
+    warning = padding_warning(settings.model_size, settings.image_size)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print("Fingerprint extraction...")
     extract_fingerprints(args.d, args.fpe, args.npfp, args.verify_dataset_integrity, args.clean, args.verbose,
                          show_progress_bar=not args.no_pbar)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
+from nnunetv2_rfmedsam.model.frames import intensity_windows_for
 from nnunetv2_rfmedsam.settings import (NETWORK_CLASS, PLANS_IDENTIFIER, STAGE1_CONFIGURATION,
                                         STAGE2_CONFIGURATION, SAM2Settings)
 
@@ -12,8 +14,19 @@ from nnunetv2_rfmedsam.settings import (NETWORK_CLASS, PLANS_IDENTIFIER, STAGE1_
 STAGE2_BATCH_SIZE = 2
 
 
-def rfmedsam2_configuration(stage1: dict, settings: SAM2Settings) -> dict:
-    """`3d_rfmedsam2`: stage 1's preprocessed data, whole slices, and the SAM 2 network."""
+def rfmedsam2_configuration(stage1: dict, settings: SAM2Settings,
+                            foreground_intensity_properties_per_channel: dict) -> dict:
+    """`3d_rfmedsam2`: stage 1's preprocessed data, whole slices, and the SAM 2 network.
+
+    `foreground_intensity_properties_per_channel`: the plans' entry of that name (the fingerprint's). Settings
+    without `intensity_windows` get the defaults of model/frames.py for stage 1's normalisation schemes,
+    which 3d_rfmedsam2 shares, since it reuses stage 1's preprocessed data."""
+    if settings.intensity_windows is None:
+        windows = intensity_windows_for(stage1["normalization_schemes"], foreground_intensity_properties_per_channel)
+        settings = dataclasses.replace(settings, intensity_windows=windows)
+    elif len(settings.intensity_windows) != len(stage1["normalization_schemes"]):
+        raise ValueError(f"intensity_windows: {len(settings.intensity_windows)} windows for "
+                         f"{len(stage1['normalization_schemes'])} image channels; give one [low, high] per channel")
     config = copy.deepcopy(stage1)
     config.pop("next_stage", None)
     # axis 0 is the slice axis: nnU-Net's transpose puts the coarsest-spaced axis first. In-plane, a patch
@@ -51,8 +64,8 @@ class RFMedSAM2PlansMixin:
             raise RuntimeError(
                 f"{self.dataset_name}: nnU-Net planned no {STAGE1_CONFIGURATION} configuration (a 2D dataset?); "
                 f"RFMedSAM 2 needs it as its first stage")
-        configurations[STAGE2_CONFIGURATION] = rfmedsam2_configuration(configurations[STAGE1_CONFIGURATION],
-                                                                      self.sam2_settings)
+        configurations[STAGE2_CONFIGURATION] = rfmedsam2_configuration(
+            configurations[STAGE1_CONFIGURATION], self.sam2_settings, plans["foreground_intensity_properties_per_channel"])
         configurations[STAGE1_CONFIGURATION]["next_stage"] = STAGE2_CONFIGURATION
         super().save_plans(plans)
 
