@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-from nnunetv2_rfmedsam.model.adapters import (CNNAdapter, DWConvAdapter, TRAINABLE_DECODER_HEADS,
-                                              adapter_modules, adapter_parameter_names)
-from nnunetv2_rfmedsam.model.network import RFMedSAM2Network, slices_to_sam_frames
+from nnunetv2_rfmedsam.model.adapters import (CNNAdapter, DWConvAdapter, OBJECT_SCORE_PARTS,
+                                              TRAINABLE_DECODER_HEADS, adapter_modules, adapter_parameter_names)
+from nnunetv2_rfmedsam.model.network import RFMedSAM2Network
 from nnunetv2_rfmedsam.model.prompts import (BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, MASK_PROMPT_LOGIT, NOT_A_POINT,
                                              POSITIVE_CLICK, ObjectPrompts, boxes_from_masks,
                                              boxes_to_square_frame, drop_training_prompts, jitter_boxes,
@@ -31,7 +31,9 @@ from nnunetv2_rfmedsam.settings import NETWORK_CLASS, OFFICIAL_CHECKPOINT_HINT, 
 
 IMAGE_SIZE = 64
 SETTINGS = dict(model_size="tiny", image_size=IMAGE_SIZE, adapter_width=32, refinement_passes=2,
-                slices_per_patch=4, use_memory=True, box_jitter=0.1)
+                slices_per_patch=4, use_memory=True, box_jitter=0.1,
+                # these tests look at SAM 2's own logits; the gate that starts at the prompt is tested on its own
+                start_at_prompt=False)
 NUM_CLASSES = 2  # foreground classes
 
 
@@ -135,7 +137,7 @@ def test_adapters_keep_sam2_parameter_names():
 def test_only_adapters_and_decoder_heads_train():
     net = make_network()
     adapter_params = {id(p): p for a in adapter_modules(net) for p in a.parameters()}
-    head_params = {id(p): p for name in TRAINABLE_DECODER_HEADS
+    head_params = {id(p): p for name in TRAINABLE_DECODER_HEADS + OBJECT_SCORE_PARTS
                    for p in getattr(net.sam.sam_mask_decoder, name).parameters()}
     should_train = adapter_params | head_params
     for name, p in net.named_parameters():
@@ -158,7 +160,7 @@ def test_network_at_init_equals_unadapted_sam2(loaded_network, tiny_checkpoint):
             torch.manual_seed(3)  # the same box jitter and dropout in training mode
             with torch.no_grad():
                 outputs.append(net(x, return_all_passes=True))
-        for adapted, plain in zip(*outputs):
+        for adapted, plain in zip(*(o.passes for o in outputs)):
             torch.testing.assert_close(adapted, plain, atol=1e-5, rtol=0)
     loaded_network.eval()
 
@@ -172,7 +174,7 @@ def test_optimizer_step_moves_adapters_and_heads_only(tiny_checkpoint):
     target[x[:, 1:].sum(1) == 0] = 0
     before = {name: p.detach().clone() for name, p in net.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-    loss = sum(F.cross_entropy(output, target) for output in net(x))
+    loss = sum(F.cross_entropy(output, target) for output in net(x).passes)
     loss.backward()
     optimizer.step()
     changed = {name for name, p in net.named_parameters() if not torch.equal(p, before[name])}
@@ -257,17 +259,16 @@ def test_point_inputs_are_box_corners_then_clicks():
     present = torch.tensor([[True, False], [False, True]])
     boxes = torch.arange(16, dtype=torch.float32).reshape(2, 2, 4)
     prompts = ObjectPrompts(present=present, boxes=boxes)
-    points = prompts.point_inputs(0)
-    assert points["point_labels"].tolist() == [[BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], [NOT_A_POINT, NOT_A_POINT]]
-    assert points["point_coords"][0].tolist() == [[0, 1], [2, 3]]
-    assert points["point_labels"].dtype == torch.int32
+    coords, labels = prompts.slice_points(0)
+    assert labels.tolist() == [[BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], [NOT_A_POINT, NOT_A_POINT]]
+    assert coords[0].tolist() == [[0, 1], [2, 3]]
     assert prompts.mask_inputs(0) is None
     clicks = torch.ones(2, 2, 1, 2)
     labels = torch.full((2, 2, 1), POSITIVE_CLICK)
-    with_clicks = ObjectPrompts(present=present, boxes=boxes, clicks=clicks, click_labels=labels).point_inputs(1)
-    assert with_clicks["point_labels"].tolist() == [[NOT_A_POINT, NOT_A_POINT, POSITIVE_CLICK],
-                                                    [BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, POSITIVE_CLICK]]
-    assert with_clicks["point_coords"].shape == (2, 3, 2)
+    coords, labels = ObjectPrompts(present=present, boxes=boxes, clicks=clicks, click_labels=labels).slice_points(1)
+    assert labels.tolist() == [[NOT_A_POINT, NOT_A_POINT, POSITIVE_CLICK],
+                               [BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, POSITIVE_CLICK]]
+    assert coords.shape == (2, 3, 2)
 
 
 def test_prompt_dropout_leaves_later_slices_to_memory():
@@ -278,8 +279,8 @@ def test_prompt_dropout_leaves_later_slices_to_memory():
     assert nearly_always.unprompted == {2, 3}
     assert nearly_always.unmasked == {0, 1}
     for d in (2, 3):
-        assert nearly_always.point_inputs(d) is None and nearly_always.mask_inputs(d) is None
-    assert nearly_always.point_inputs(1)["point_labels"].shape == (4, 2) and nearly_always.mask_inputs(1) is None
+        assert nearly_always.mask_inputs(d) is None
+    assert nearly_always.slice_points(1)[1].shape == (4, 2) and nearly_always.mask_inputs(1) is None
     never = drop_training_prompts(prompts, 0.0)
     assert never.unprompted == never.unmasked == frozenset()
     assert never.mask_inputs(3).shape == (4, 1, IMAGE_SIZE // 4, IMAGE_SIZE // 4)
@@ -295,18 +296,6 @@ def test_network_built_from_plans_like_nnunet():
     assert net.settings == settings
 
 
-def test_image_channels_become_sam_frames():
-    image = torch.randn(2, 4, 3, 16, 16)  # (B, C, D, H, W)
-    one = slices_to_sam_frames(image[:, :1], 16)
-    assert one.shape == (6, 3, 16, 16)
-    assert torch.equal(one[:, 0], one[:, 2]) and torch.allclose(one[4, 1], image[1, 0, 1])
-    two = slices_to_sam_frames(image[:, :2], 16)
-    torch.testing.assert_close(two[:, 2], two[:, :2].mean(1))
-    four = slices_to_sam_frames(image, 32)
-    assert four.shape == (6, 3, 32, 32)
-    torch.testing.assert_close(four, slices_to_sam_frames(image[:, :3], 32))
-
-
 def test_passes_give_lists_in_training_and_the_final_pass_in_evaluation(loaded_network):
     x = synthetic_patch()
     shape = (2, NUM_CLASSES + 1, 4, 20, 24)
@@ -315,15 +304,15 @@ def test_passes_give_lists_in_training_and_the_final_pass_in_evaluation(loaded_n
     with torch.no_grad():
         for net, count in ((two_passes, 2), (one_pass, 1)):
             net.train()
-            outputs = net(x)
+            outputs = net(x).passes
             assert isinstance(outputs, list) and len(outputs) == count
             assert all(o.shape == shape and o.dtype == torch.float32 and torch.isfinite(o).all() for o in outputs)
             assert torch.equal(outputs[0][:, 0], torch.zeros_like(outputs[0][:, 0]))
             net.eval()
-            assert isinstance(net(x), torch.Tensor) and len(net(x, return_all_passes=True)) == count
+            assert isinstance(net(x), torch.Tensor) and len(net(x, return_all_passes=True).passes) == count
         final_of_two = two_passes(x)
         assert torch.equal(final_of_two, two_passes(x))  # no box jitter outside training
-        first_of_two = two_passes(x, return_all_passes=True)[0]
+        first_of_two = two_passes(x, return_all_passes=True).passes[0]
         only_pass = one_pass(x)
     assert final_of_two.shape == only_pass.shape == shape
     torch.testing.assert_close(first_of_two, only_pass)
@@ -337,9 +326,9 @@ def test_memory_changes_later_slices_only(loaded_network):
     with torch.no_grad():
         a = with_memory(x, return_all_passes=True)
         b = without_memory(x, return_all_passes=True)
-    for pass_a, pass_b in zip(a, b):
+    for pass_a, pass_b in zip(a.passes, b.passes):
         torch.testing.assert_close(pass_a[:, :, 0], pass_b[:, :, 0])
-    assert not torch.allclose(a[0][:, 1:, 1:], b[0][:, 1:, 1:])
+    assert not torch.allclose(a.passes[0][:, 1:, 1:], b.passes[0][:, 1:, 1:])
 
 
 def test_absent_class_is_background(loaded_network):
@@ -347,7 +336,7 @@ def test_absent_class_is_background(loaded_network):
     network = variant(loaded_network, training_prompt_dropout=0.0).train()
     with torch.no_grad():
         outputs = network(x)
-    for logits in outputs:
+    for logits in outputs.passes:
         # class 2 has no prompt on slice 0 nor slice 3
         assert (logits[:, 2, [0, 3]] == ABSENT_LOGIT).all()
         # no class on slice 3 of the second patch: background everywhere
@@ -367,7 +356,7 @@ def test_training_segments_unprompted_slices_from_memory(loaded_network):
         return result
 
     network.sam._track_step = recording
-    outputs = network(synthetic_patch())
+    outputs = network(synthetic_patch()).passes
     assert [(d, unprompted) for d, unprompted, _ in calls] == \
         [(0, False), (1, False), (2, True), (3, True)] + [(d, False) for d in range(4)]  # pass 2: all prompted
     for d in (2, 3):
@@ -398,7 +387,7 @@ def test_network_on_a_hippocampus_case(loaded_network):
 
     # every slice prompted: slices left to memory decide presence themselves (see the test above)
     net = variant(loaded_network, training_prompt_dropout=0.0).train()
-    outputs = net(x)
+    outputs = net(x).passes
     assert len(outputs) == 2 and all(o.shape == (1, 3, 8) + image.shape[1:] for o in outputs)
     first = outputs[0]
     for k in (1, 2):
@@ -482,3 +471,67 @@ def test_refuses_wrong_shapes(loaded_network, checkpoint_dir, tiny_state_dict):
     path = checkpoint_dir / "reshaped.pt"
     torch.save({"model": state_dict}, path)
     assert_refused(loaded_network, path, "no_mem_embed (1, 1, 128) instead of (1, 1, 256)")
+
+
+# --- starting at the prompt ---
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_untrained_refiner_returns_its_prompt_whatever_sam2_weights(seed):
+    """With the gate at its start, every pass's class logits are the stage-1 masks' (+-10 against background 0),
+    so the argmax is stage 1's segmentation, for any SAM 2 weights (two random seeds) and in both modes."""
+    from nnunetv2_rfmedsam.model.network import PROMPT_LOGIT
+    net = make_network(seed=seed, start_at_prompt=True)
+    x = synthetic_patch()
+    stage1 = x[:, 1:]
+    expected_argmax = torch.where(stage1.sum(1) > 0, stage1.argmax(1) + 1, 0)
+    for mode in ("train", "eval"):
+        getattr(net, mode)()
+        with torch.no_grad():
+            passes = net(x, return_all_passes=True).passes
+        for logits in passes:
+            torch.testing.assert_close(logits[:, 1:], (2 * stage1 - 1) * PROMPT_LOGIT, atol=0, rtol=0)
+            assert torch.equal(logits.argmax(1), expected_argmax)
+
+
+def test_the_gate_learns_and_the_plain_refiner_has_none(tiny_checkpoint):
+    net = make_network(start_at_prompt=True)
+    net.load_sam2_checkpoint(tiny_checkpoint)
+    net.train()
+    x = synthetic_patch()
+    target = torch.where(x[:, 1:].sum(1) > 0, x[:, 1:].argmax(1) + 1, 0)
+    loss = sum(F.cross_entropy(o, target) for o in net(x).passes)
+    loss.backward()
+    assert net.prompt_gates.grad is not None and net.prompt_gates.grad.abs().sum() > 0
+    assert make_network(start_at_prompt=False).prompt_gates is None
+
+
+def test_presence_loss_reaches_the_object_score_head(tiny_checkpoint):
+    from nnunetv2_rfmedsam.trainers.passes_loss import RefinementPassesLoss, presence_targets
+    net = make_network()
+    net.load_sam2_checkpoint(tiny_checkpoint)
+    net.train()
+    x = synthetic_patch()
+    target = torch.where(x[:, 1:].sum(1) > 0, x[:, 1:].argmax(1) + 1, 0)[:, None]
+    presence = presence_targets(target, NUM_CLASSES)
+    assert presence[:, 1].tolist() == [[0, 1, 1, 0], [0, 1, 1, 0]] and presence[1, 0].tolist() == [1, 1, 1, 0]
+
+    def mask_loss(output, target):
+        return output.sum() * 0
+    output = net(x)
+    assert output.object_scores[0].shape == (2, NUM_CLASSES, 4)
+    RefinementPassesLoss(mask_loss, presence_weight=1.0)(output, target).backward()
+    head = net.sam.sam_mask_decoder.pred_obj_score_head
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    assert net.sam.sam_mask_decoder.obj_score_token.weight.grad.abs().sum() > 0
+    frozen = make_network(presence_loss_weight=0.0)
+    assert not any(p.requires_grad for p in frozen.sam.sam_mask_decoder.pred_obj_score_head.parameters())
+
+
+def test_box_jitter_is_capped_at_sam2s_bound():
+    from nnunetv2_rfmedsam.model.prompts import BOX_NOISE_BOUND
+    boxes = torch.tensor([[0.0, 0.0, 511.0, 511.0]]).repeat(500, 1) + torch.tensor([100.0, 100, 100, 100])
+    present = torch.ones(500, dtype=torch.bool)
+    jittered = jitter_boxes(boxes, present, 0.5, (1024, 1024), torch.Generator().manual_seed(0))
+    shift = (jittered - boxes).abs()
+    assert shift.max() <= 20 + 1e-4 and shift.max() > 15  # 0.5 of a 512 side would be 256
+    assert BOX_NOISE_BOUND * 1024 == 20

@@ -52,3 +52,42 @@ def test_stock_cascade_prediction_keeps_geometry(stage2_workspace, tmp_path):
                  "-prev_stage_predictions", str(stage1_out), *common], env)
     for case in stage2_workspace["test"]:
         assert_same_geometry(raw / "imagesTs" / f"{case}_0000.nii.gz", cascade_out / f"{case}.nii.gz")
+
+
+def test_untrained_cascade_reproduces_stage1_voxel_for_voxel(stage2_workspace, tmp_path):
+    """At initialisation the refinement starts at its prompt: the stock cascade (default test-time mirroring)
+    writes stage 1's segmentation, voxel for voxel, whatever SAM 2's weights are (here: fresh random ones)."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from nnunetv2_rfmedsam.model.network import RFMedSAM2Network
+
+    env, raw = stage2_workspace["env"], stage2_workspace["raw"]
+    model = stage2_workspace["root"] / "results" / DATASET_NAME / STAGE2_FOLDER
+    checkpoint = torch.load(model / f"fold_{STAGE2_FOLD}" / "checkpoint_final.pth", map_location="cpu",
+                            weights_only=False)
+    torch.manual_seed(123)
+    settings = checkpoint["init_args"]["plans"]["configurations"]["3d_rfmedsam2"]["architecture"]["arch_kwargs"]
+    untrained = RFMedSAM2Network(input_channels=3, num_classes=3, **settings).state_dict()
+    assert not untrained["prompt_gates"].any()
+    assert not torch.equal(untrained["sam.no_obj_ptr"], checkpoint["network_weights"]["sam.no_obj_ptr"])
+    checkpoint["network_weights"] = untrained
+    (model / "fold_4").mkdir(exist_ok=True)
+    torch.save(checkpoint, model / "fold_4" / "checkpoint_final.pth")
+
+    stage1_out, cascade_out = tmp_path / "stage1", tmp_path / "cascade"
+    common = ["-d", str(DATASET_ID), "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1"]
+    run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(stage1_out), "-c", "3d_fullres",
+                 "-tr", "nnUNetTrainerRFPrompt", "-f", "all", *common], env)
+    run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(cascade_out),
+                 "-c", "3d_rfmedsam2", "-tr", "nnUNetTrainerRFMedSAM2", "-f", "4",
+                 "-prev_stage_predictions", str(stage1_out), *common], env)
+    shutil.rmtree(model / "fold_4")
+    foreground = 0
+    for case in stage2_workspace["test"]:
+        stage1 = sitk.GetArrayFromImage(sitk.ReadImage(str(stage1_out / f"{case}.nii.gz")))
+        cascade = sitk.GetArrayFromImage(sitk.ReadImage(str(cascade_out / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(cascade, stage1, err_msg=case)
+        foreground += int((stage1 > 0).sum())
+    assert foreground > 0, "stage 1 predicted nothing: the comparison would be vacuous"

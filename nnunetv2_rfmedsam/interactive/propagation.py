@@ -1,22 +1,20 @@
 """One object (class) carried through a volume by SAM 2's memory, from the slices a user prompted.
 
-Order, as SAM 2's video predictor propagates from the first frame with prompts:
-- the first prompted slice is the initial conditioning frame: it is segmented from its own prompts alone;
+Order, as SAM 2's video predictor propagates from the first frame with prompts, and in the memory layout the
+refiner is trained with (model/departures.py):
+- the first prompted slice is the conditioning frame: it is segmented from its own prompts alone;
 - forward, from there to the last slice: every slice is conditioned through memory attention on the
-  conditioning frames before it and on the memories of the slices just before it (`num_maskmem`); a slice with
-  prompts also gets them and becomes a conditioning frame (as the refiner is trained: prompts plus memory);
-  a slice without prompts is segmented from memory alone;
-- backward, from the first prompted slice to slice 0, with SAM 2's `track_in_reverse`: memory alone, from all
-  conditioning frames and the slices just after.
+  conditioning frame and on the memories of the slices just before it (`num_maskmem`); a slice with prompts
+  also gets them, as SAM 2's video predictor treats a correction on a tracked frame (a non-conditioning frame),
+  and as the refiner treats every stage-1-prompted slice after the first; a slice without prompts is segmented
+  from memory alone;
+- backward, from the first prompted slice to slice 0, with SAM 2's `track_in_reverse`: memory alone, from the
+  conditioning frame and the slices just after.
 
-Object presence, as in the refiner (refinement.py), comes from the prompts where there are prompts: a slice
-with a box or a positive click has the object and SAM 2 segments it; a slice whose only prompts are negative
-clicks does not have it: its output is background and its memory says "absent", by construction, whatever the
-weights. (A negative click beside a box or a positive click is left to SAM 2, which the refiner is trained
-for.) A slice without prompts has the object where SAM 2 says so, as its video predictor decides: the
-object-score head (SAM 2's occlusion prediction, which the refiner leaves frozen) scores it present, and its
-mask from memory has foreground. Memories are written as the refiner writes them (`encode_slice_memory`), so
-an absent slice tells the slices after it.
+Each slice runs through the refiner's own `track_slice` (model/refinement.py), so presence follows the same
+rules: a slice with a box or a positive click has the object; a slice whose only prompts are negative clicks
+does not (background, memory "absent"), whatever the weights; a slice without prompts has the object where
+SAM 2's object-score head says so and its mask from memory has foreground.
 
 Incremental: the result of a forward slice depends only on the prompts of the slices up to it. Prompts are
 immutable objects, so `propagate_object` compares them by identity with the prompts of the previous result:
@@ -32,7 +30,7 @@ from sam2.modeling.sam2_base import SAM2Base
 
 from nnunetv2_rfmedsam.model.prompts import (POSITIVE_CLICK, ObjectPrompts, boxes_to_square_frame,
                                              points_to_square_frame)
-from nnunetv2_rfmedsam.model.refinement import ABSENT_LOGIT, SliceFeatures, encode_slice_memory, logits_to_grid
+from nnunetv2_rfmedsam.model.refinement import ABSENT_LOGIT, SliceFeatures, logits_to_grid, track_slice
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,7 +56,7 @@ class SlicePrompt:
             clicks = points_to_square_frame(coords, slice_hw, image_size)[None, None]
             labels = torch.tensor([[[p[2] for p in self.points]]], dtype=torch.int32, device=device)
         mask = None if self.mask_logits is None else self.mask_logits.to(device)[None, None]
-        return ObjectPrompts(present=torch.ones_like(has_box), boxed=has_box,
+        return ObjectPrompts(present=torch.tensor([[self.has_object]], device=device), boxed=has_box,
                              boxes=boxes_to_square_frame(box, slice_hw, image_size)[None],
                              mask_logits=mask, clicks=clicks, click_labels=labels)
 
@@ -73,7 +71,7 @@ class SliceResult:
     low_res: torch.Tensor   # (S/4, S/4) SAM 2's mask logits (mask prompt of a later correction)
     logits: torch.Tensor    # (H, W) the same on the network grid
     memory: dict            # SAM 2's frame output: maskmem_features, maskmem_pos_enc, obj_ptr
-    conditioning: bool      # whether the slice had prompts
+    conditioning: bool      # whether the slice is the conditioning frame (the first prompted slice)
 
 
 @dataclass(frozen=True)
@@ -121,31 +119,21 @@ def propagate_object(sam_model: SAM2Base, features: SliceFeatures, prompts: dict
 
 
 class _SliceStep:
-    """SAM 2's `_track_step` on one slice of one object, then its memory."""
+    """The refiner's `track_slice` on one slice of one object, with its memory."""
 
     def __init__(self, sam_model: SAM2Base, features: SliceFeatures, slice_hw: tuple[int, int]):
         self.sam, self.features, self.slice_hw = sam_model, features, tuple(slice_hw)
 
     def __call__(self, d: int, prompt: SlicePrompt | None, memory_bank: dict, is_initial: bool,
                  reverse: bool) -> SliceResult:
-        vision_feats, vision_pos_embeds = self.features.for_objects(d, 1)
-        point_inputs = mask_inputs = None
-        if prompt is not None:
-            object_prompts = prompt.object_prompts(self.slice_hw, self.sam.image_size, vision_feats[0].device)
-            point_inputs, mask_inputs = object_prompts.point_inputs(0), object_prompts.mask_inputs(0)
-        frame_out, sam_outputs, _, _ = self.sam._track_step(
-            frame_idx=d, is_init_cond_frame=is_initial, current_vision_feats=vision_feats,
-            current_vision_pos_embeds=vision_pos_embeds, feat_sizes=self.features.feat_sizes,
-            point_inputs=point_inputs, mask_inputs=mask_inputs, output_dict=memory_bank,
-            num_frames=self.features.num_slices, track_in_reverse=reverse, prev_sam_mask_logits=None)
-        _, _, _, low_res, high_res, obj_ptr, object_score = sam_outputs
-        low_res, high_res = low_res.float(), high_res.float()
-        absent = not prompt.has_object if prompt is not None else bool((object_score <= 0).all())
-        if absent:
-            low_res = torch.full_like(low_res, ABSENT_LOGIT)
-        logits = logits_to_grid(low_res[0, 0], self.slice_hw)
-        present = (logits > 0).any().reshape(1)
-        encode_slice_memory(self.sam, frame_out, vision_feats, self.features.feat_sizes, point_inputs, high_res,
-                            obj_ptr, present)
-        memory = {key: frame_out[key] for key in ("maskmem_features", "maskmem_pos_enc", "obj_ptr")}
-        return SliceResult(low_res=low_res[0, 0], logits=logits, memory=memory, conditioning=prompt is not None)
+        device = self.features.vision_feats[0].device
+        if prompt is None:
+            prompts = ObjectPrompts(present=torch.zeros(1, 1, dtype=torch.bool, device=device),
+                                    boxes=torch.zeros(1, 1, 4, device=device), unprompted=frozenset({0}))
+        else:
+            prompts = prompt.object_prompts(self.slice_hw, self.sam.image_size, device)
+        out = track_slice(self.sam, self.features, d, prompts, 0, memory_bank, is_init_cond_frame=is_initial,
+                          reverse=reverse)
+        low_res = out.low_res[0, 0]  # ABSENT_LOGIT where the object is absent
+        return SliceResult(low_res=low_res, logits=logits_to_grid(low_res, self.slice_hw), memory=out.memory,
+                           conditioning=is_initial)

@@ -43,7 +43,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunetv2_rfmedsam.interactive.errors import InteractiveError, PromptError
 from nnunetv2_rfmedsam.interactive.propagation import SlicePrompt, Track, propagate_object
 from nnunetv2_rfmedsam.interactive.volume import PreprocessedImage
-from nnunetv2_rfmedsam.model.network import BACKGROUND_LOGIT, RFMedSAM2Network, slices_to_sam_frames
+from nnunetv2_rfmedsam.model.network import BACKGROUND_LOGIT, RFMedSAM2Network
 from nnunetv2_rfmedsam.model.prompts import MASK_PROMPT_STRIDE, boxes_from_masks, masks_to_prompt_logits
 from nnunetv2_rfmedsam.model.refinement import ABSENT_LOGIT, SliceFeatures, encode_slices
 from nnunetv2_rfmedsam.settings import NETWORK_CLASS
@@ -125,7 +125,7 @@ class InteractiveSession:
     def _encode(self, data: torch.Tensor) -> SliceFeatures:
         """SAM 2's image features of every slice, encoded a training patch's worth of slices at a time."""
         size, chunk = self.network.settings.image_size, self.network.settings.slices_per_patch
-        parts = [encode_slices(self.network.sam, slices_to_sam_frames(data[None, :, start:start + chunk], size),
+        parts = [encode_slices(self.network.sam, self.network.sam_frames(data[None, :, start:start + chunk]),
                                data[:, start:start + chunk].shape[1])
                  for start in range(0, data.shape[1], chunk)]
         return SliceFeatures(

@@ -24,10 +24,13 @@ import torch
 from torch import nn
 from sam2.modeling.sam2_base import SAM2Base
 
-# the mask decoder's output heads, trained beside the adapters; everything else of SAM 2 stays frozen
-# the heads that produce mask logits; the IoU and object-score heads stay frozen: no loss reaches them
-# (there is no IoU loss, and object presence comes from the prompts)
+# the mask decoder's parts trained beside the adapters; everything else of SAM 2 stays frozen.
+# The heads that produce mask logits train with nnU-Net's loss. The object-score head and its token train with the
+# presence loss (trainers/passes_loss.py), as Meta trains them: they decide presence on slices left to memory.
+# The IoU head stays frozen: it only ranks the three candidate masks of a slice with one click or none, and the
+# loss supervises the chosen mask alone, which gives no IoU targets for the others.
 TRAINABLE_DECODER_HEADS = ("output_hypernetworks_mlps", "output_upscaling")
+OBJECT_SCORE_PARTS = ("pred_obj_score_head", "obj_score_token")
 
 
 class DWConvAdapter(nn.Module):
@@ -132,12 +135,13 @@ def adapter_parameter_names(model: nn.Module) -> set[str]:
     return {key for key in model.state_dict() if key.startswith(prefixes)}
 
 
-def freeze_for_finetuning(sam_model: SAM2Base) -> None:
-    """Freeze SAM 2 except its adapters and the mask decoder's output heads."""
+def freeze_for_finetuning(sam_model: SAM2Base, train_object_score: bool = True) -> None:
+    """Freeze SAM 2 except its adapters, the mask decoder's output heads and (if `train_object_score`) its
+    object-score head and token."""
     sam_model.requires_grad_(False)
     for adapter in adapter_modules(sam_model):
         adapter.requires_grad_(True)
-    for name in TRAINABLE_DECODER_HEADS:
+    for name in TRAINABLE_DECODER_HEADS + (OBJECT_SCORE_PARTS if train_object_score else ()):
         head = getattr(sam_model.sam_mask_decoder, name, None)
         if head is not None:
             head.requires_grad_(True)

@@ -1,8 +1,14 @@
 """RFMedSAM2Network: the stage-2 network nnU-Net builds from the plans.
 
 Input (B, C_img + K, D, H, W): the image channels, then the K one-hot stage-1 masks; D is the slice axis.
-Output: logits (B, K + 1, D, H, W): a constant 0 background logit, then SAM 2's mask logit per class
-(ABSENT_LOGIT on slices where the class has no prompt). In training, one such tensor per refinement pass.
+Output: logits (B, K + 1, D, H, W): a constant 0 background logit, then one logit per class. In training, a
+`TrainingOutput` with the logits of every refinement pass and SAM 2's object scores (for the presence loss).
+
+Starting at the prompt (`start_at_prompt`, on by default): a class's logit is the stage-1 mask's logit
+(+-PROMPT_LOGIT) plus a learned per-class, per-pass gate times SAM 2's departure from it,
+`prompt + gate * (sam - prompt)`. The gates start at 0, so an untrained refiner returns stage 1's segmentation
+exactly, whatever SAM 2's weights are, and training learns how far to move from it (weight decay pulls the
+gates back towards the prompt). Off: the paper's plain refiner, SAM 2's logits alone.
 
 Point prompts in training (`train_with_clicks`): the trainer hands the network the training target before a
 forward (`set_click_targets`); the second pass then also gets one click per object and slice at the first
@@ -10,14 +16,13 @@ pass's errors (see error_clicks.py), so the refiner learns to take corrective cl
 mode reads the target, and each forward consumes it. The first pass's prompts are also made sparser in training
 (`training_prompt_dropout`): some slices are left to memory alone, some get a box without a mask.
 
-Image channels -> SAM 2's RGB input: one channel is repeated three times; two channels give (c0, c1, their
-mean); more than three, the first three. No further normalisation: SAM 2 expects ImageNet-normalised RGB,
-i.e. about zero mean and unit variance per channel, and nnU-Net's z-scored (or CT-normalised) intensities are
-already on that scale.
+Where the refiner differs from SAM 2 is named in departures.py (`self.departures`); the image channels become
+SAM 2 frames in frames.py.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,26 +30,28 @@ from torch import nn
 
 from nnunetv2_rfmedsam.model.adapters import freeze_for_finetuning, inject_adapters
 from nnunetv2_rfmedsam.model.error_clicks import add_error_clicks
-from nnunetv2_rfmedsam.model.prompts import drop_training_prompts, prompts_from_masks
-from nnunetv2_rfmedsam.model.refinement import SliceLogits, encode_slices, refine_slices
+from nnunetv2_rfmedsam.model.frames import ZSCORE_WINDOW, slices_to_sam_frames
+from nnunetv2_rfmedsam.model.departures import REFINER
+from nnunetv2_rfmedsam.model.prompts import (MASK_PROMPT_STRIDE, drop_training_prompts, masks_to_prompt_logits,
+                                             prompts_from_masks)
+from nnunetv2_rfmedsam.model.refinement import encode_slices, refine_slices
 from nnunetv2_rfmedsam.model.sam2_checkpoint import load_sam2_checkpoint
 from nnunetv2_rfmedsam.model.sam2_model import build_sam2_model
 from nnunetv2_rfmedsam.settings import SAM2Settings
 
 BACKGROUND_LOGIT = 0.0
+# the logit of a stage-1 mask where the refinement starts: foreground +10, background -10 against the constant
+# background logit 0 (SAM 2's own scale for masks given as logits, `_use_mask_as_output`)
+PROMPT_LOGIT = 10.0
 
 
-def slices_to_sam_frames(image: torch.Tensor, size: int) -> torch.Tensor:
-    """Image channels (B, C, D, H, W) -> SAM 2 frames (B * D, 3, size, size), patch-major."""
-    batch, channels, depth, height, width = image.shape
-    slices = image.transpose(1, 2).reshape(batch * depth, channels, height, width).float()
-    if channels == 1:
-        rgb = slices.expand(-1, 3, -1, -1)
-    elif channels == 2:
-        rgb = torch.cat([slices, slices.mean(dim=1, keepdim=True)], dim=1)
-    else:
-        rgb = slices[:, :3]
-    return F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+@dataclass
+class TrainingOutput:
+    """What a forward in training returns: per refinement pass, the logits (B, K + 1, D, H, W) and SAM 2's
+    object-score logits (B, K, D)."""
+
+    passes: list
+    object_scores: list
 
 
 class RFMedSAM2Network(nn.Module):
@@ -67,8 +74,22 @@ class RFMedSAM2Network(nn.Module):
                              f"and num_classes={num_classes} (background + foreground classes)")
         self.sam = build_sam2_model(self.settings.model_size, self.settings.image_size)
         inject_adapters(self.sam, self.settings.adapter_width)
-        freeze_for_finetuning(self.sam)
+        freeze_for_finetuning(self.sam, train_object_score=self.settings.presence_loss_weight > 0)
+        if self.settings.start_at_prompt:
+            self.prompt_gates = nn.Parameter(torch.zeros(self.settings.refinement_passes, self.num_foreground_classes))
+        else:
+            self.register_parameter("prompt_gates", None)
+        self.departures = REFINER
+        # plans written before the planner chose windows: nnU-Net's default normalisation is the z-score
+        self.intensity_windows = self.settings.intensity_windows or [list(ZSCORE_WINDOW)] * self.image_channels
+        if len(self.intensity_windows) != self.image_channels:
+            raise ValueError(f"intensity_windows: {len(self.intensity_windows)} window(s) for {self.image_channels} "
+                             f"image channel(s)")
         self._click_targets: torch.Tensor | None = None
+
+    def sam_frames(self, image: torch.Tensor) -> torch.Tensor:
+        """Image channels (B, C, D, H, W) in nnU-Net's normalised units -> SAM 2 frames (frames.py)."""
+        return slices_to_sam_frames(image, self.settings.image_size, self.intensity_windows)
 
     def set_click_targets(self, target: torch.Tensor) -> None:
         """The training target (B, 1, D, H, W) of the next forward, a label map whose label k + 1 is the k-th
@@ -85,7 +106,7 @@ class RFMedSAM2Network(nn.Module):
         return trainable, sum(p.numel() for p in self.parameters())
 
     def forward(self, x: torch.Tensor, return_all_passes: bool | None = None):
-        """Logits of the final pass, or (by default in training) a list with the logits of every pass.
+        """Logits of the final pass, or (by default in training) a TrainingOutput with every pass.
 
         On CUDA, SAM 2 runs under bfloat16 autocast (whatever autocast nnU-Net opened around it); the logits
         are float32 either way."""
@@ -94,7 +115,7 @@ class RFMedSAM2Network(nn.Module):
         precision = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
         with precision:
             passes = self._refine(x)
-        return passes if return_all_passes else passes[-1]
+        return passes if return_all_passes else passes.passes[-1]
 
     def _object_click_targets(self, x: torch.Tensor) -> torch.Tensor | None:
         """The target given by `set_click_targets`, per object (B * K, D, H, W) bool, if this forward samples
@@ -106,29 +127,43 @@ class RFMedSAM2Network(nn.Module):
         per_class = torch.stack([labels == k + 1 for k in range(self.num_foreground_classes)], dim=1)
         return per_class.reshape(-1, *per_class.shape[2:])
 
-    def _refine(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _refine(self, x: torch.Tensor) -> TrainingOutput:
         batch, _, depth, height, width = x.shape
         size = self.settings.image_size
         click_targets = self._object_click_targets(x)
-        features = encode_slices(self.sam, slices_to_sam_frames(x[:, :self.image_channels], size), depth)
+        features = encode_slices(self.sam, self.sam_frames(x[:, :self.image_channels]), depth)
         # one object per (batch item, class): (B, K, D, H, W) -> (N, D, H, W)
-        stage1 = x[:, self.image_channels:].reshape(-1, depth, height, width)
-        prompts = prompts_from_masks(stage1, size, jitter=self.settings.box_jitter if self.training else 0.0)
+        stage1 = x[:, self.image_channels:]
+        prompts = prompts_from_masks(stage1.reshape(-1, depth, height, width), size,
+                                     jitter=self.settings.box_jitter if self.training else 0.0)
         if self.training and self.settings.use_memory and self.settings.training_prompt_dropout > 0:
             prompts = drop_training_prompts(prompts, self.settings.training_prompt_dropout)
-        outputs = []
+        outputs = TrainingOutput([], [])
         for refinement_pass in range(self.settings.refinement_passes):
-            result = refine_slices(self.sam, features, prompts, self.settings.use_memory, (height, width))
-            outputs.append(self._class_logits(result, batch))
+            result = refine_slices(self.sam, features, prompts, self.settings.use_memory, (height, width),
+                                   self.departures)
+            logits = self._class_logits(result.patch, stage1, refinement_pass)
+            outputs.passes.append(logits)
+            outputs.object_scores.append(result.object_scores.reshape(batch, self.num_foreground_classes, depth))
             if refinement_pass + 1 < self.settings.refinement_passes:
                 # the next pass is prompted by this pass's result, as a prompt: no gradient through it
-                predicted = result.patch.detach() > 0
-                prompts = prompts_from_masks(predicted, size, mask_logits=result.low_res.detach())
+                predicted = logits[:, 1:].detach().reshape(-1, depth, height, width) > BACKGROUND_LOGIT
+                # SAM 2's own logits are its mask prompt (as Meta feeds them back), unless the result is the gated
+                # mix, whose mask then prompts like a stage-1 mask
+                mask_logits = masks_to_prompt_logits(predicted, size // MASK_PROMPT_STRIDE) \
+                    if self.prompt_gates is not None else result.low_res.detach()
+                prompts = prompts_from_masks(predicted, size, mask_logits=mask_logits)
                 if click_targets is not None:
                     prompts = add_error_clicks(prompts, predicted, click_targets, size)
         return outputs
 
-    def _class_logits(self, result: SliceLogits, batch: int) -> torch.Tensor:
-        per_class = result.patch.float().reshape(batch, self.num_foreground_classes, *result.patch.shape[1:])
+    def _class_logits(self, sam_logits: torch.Tensor, stage1: torch.Tensor, refinement_pass: int) -> torch.Tensor:
+        """SAM 2's per-object logits (N, D, H, W) -> class logits (B, K + 1, D, H, W), gated with the stage-1
+        masks (B, K, D, H, W) when the refinement starts at its prompt."""
+        per_class = sam_logits.float().reshape(stage1.shape)
+        if self.prompt_gates is not None:
+            prompt = (2 * stage1.float() - 1) * PROMPT_LOGIT
+            gate = self.prompt_gates[refinement_pass].reshape(1, -1, 1, 1, 1)
+            per_class = prompt + gate * (per_class - prompt)
         background = torch.full_like(per_class[:, :1], BACKGROUND_LOGIT)
         return torch.cat([background, per_class], dim=1)

@@ -22,6 +22,8 @@ BOX_TOP_LEFT, BOX_BOTTOM_RIGHT = 2, 3
 MASK_PROMPT_LOGIT = 10.0
 # SAM's mask prompts (and low-resolution output masks) are 4 times coarser than its input frame
 MASK_PROMPT_STRIDE = 4
+# the largest box jitter, as a fraction of the image's side: SAM 2 trains with at most 20 pixels of its 1024 frame
+BOX_NOISE_BOUND = 20 / 1024
 
 
 def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,12 +51,18 @@ def boxes_from_masks(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def jitter_boxes(boxes: torch.Tensor, present: torch.Tensor, fraction: float, image_hw: tuple[int, int],
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Move each edge of each present box by a uniform random amount of up to `fraction` of the box's side
-    (its extent in pixels along that axis), then clip to the image. Absent boxes are returned unchanged."""
+    (its extent in pixels along that axis), and at most BOX_NOISE_BOUND of the image's side, then clip to the
+    image. Absent boxes are returned unchanged.
+
+    SAM 2's training does the same (`sam2_utils.sample_box_points`: noise 0.1 of the side, bounded by 20 pixels
+    of its 1024 frame); the bound is kept as that fraction of the frame, whatever the frame's size."""
     x0, y0, x1, y1 = boxes.unbind(-1)
-    sides = torch.stack([x1 - x0 + 1, y1 - y0 + 1] * 2, dim=-1)
-    shifts = (2 * torch.rand(boxes.shape, generator=generator, device=boxes.device) - 1) * fraction * sides
-    jx0, jy0, jx1, jy1 = (boxes + shifts).unbind(-1)
     height, width = image_hw
+    bounds = boxes.new_tensor([width, height] * 2) * BOX_NOISE_BOUND
+    sides = torch.stack([x1 - x0 + 1, y1 - y0 + 1] * 2, dim=-1)
+    shifts = (2 * torch.rand(boxes.shape, generator=generator, device=boxes.device) - 1) * torch.minimum(
+        fraction * sides, bounds)
+    jx0, jy0, jx1, jy1 = (boxes + shifts).unbind(-1)
     # large fractions can swap two edges: keep the box's corners ordered
     jittered = torch.stack([torch.minimum(jx0, jx1).clamp(0, width - 1), torch.minimum(jy0, jy1).clamp(0, height - 1),
                             torch.maximum(jx0, jx1).clamp(0, width - 1), torch.maximum(jy0, jy1).clamp(0, height - 1)],
@@ -111,23 +119,17 @@ class ObjectPrompts:
     unprompted: frozenset[int] = frozenset()
     unmasked: frozenset[int] = frozenset()
 
-    def point_inputs(self, slice_index: int) -> dict | None:
-        """SAM 2's `point_inputs` on one slice: the box corners (NOT_A_POINT where there is no box), then the
-        clicks.
-
-        The box slot is always there, so SAM 2 always sees at least two points and gives its single-mask
-        output (SAM 2.1 gives three candidate masks for zero or one point). None on an unprompted slice: there
-        SAM 2 picks among its candidate masks, as its video predictor does on frames without prompts."""
-        if slice_index in self.unprompted:
-            return None
+    def slice_points(self, slice_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every object's points on one slice: coordinates (N, 2 + P, 2) and labels (N, 2 + P), the box corners
+        (NOT_A_POINT where there is no box), then the clicks. refinement.py gives SAM 2 only the real ones."""
         boxed = (self.present if self.boxed is None else self.boxed)[:, slice_index, None]
         coords = self.boxes[:, slice_index].reshape(-1, 2, 2)
         labels = torch.where(boxed, torch.tensor([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], device=boxed.device),
                              NOT_A_POINT)
         if self.clicks is not None:
             coords = torch.cat([coords, self.clicks[:, slice_index]], dim=1)
-            labels = torch.cat([labels, self.click_labels[:, slice_index]], dim=1)
-        return {"point_coords": coords.float(), "point_labels": labels.to(torch.int32)}
+            labels = torch.cat([labels, self.click_labels[:, slice_index].to(labels.dtype)], dim=1)
+        return coords.float(), labels
 
     def mask_inputs(self, slice_index: int) -> torch.Tensor | None:
         """SAM 2's `mask_inputs` on one slice: (N, 1, S/4, S/4) logits, or None."""

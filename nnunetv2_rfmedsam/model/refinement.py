@@ -4,24 +4,30 @@ Every (batch item, class) pair is one SAM 2 object; the N = B * K objects of a s
 batch dimension (object n is batch item n // K, class n % K). The image encoder runs once per slice
 (`encode_slices`), and its features serve every object and every pass.
 
-With memory, slice 0 is the initial conditioning frame and each later slice is conditioned, through memory
-attention, on slice 0's memory and on the memories and object pointers of the slices before it, the way
-SAM 2's video predictor tracks. Unlike in video tracking, every slice also has its own prompts (in training,
-some go without: see below): memory adds the context of the slices before it. Without memory (an ablation),
-every slice is processed like an initial frame: `no_mem_embed` is added to its features and no memories are
-written.
+With memory, slice 0 is the conditioning frame and each later slice is conditioned, through memory attention,
+on slice 0's memory and on the memories and object pointers of the slices before it, the way SAM 2's video
+predictor tracks; a later slice with prompts also gets them, as the video predictor treats a correction on a
+tracked frame (see departures.py for this layout and for every way the refiner differs from SAM 2). Without
+memory (an ablation) every slice is processed like an initial frame: `no_mem_embed` is added to its features
+and no memories are written.
 
-Object presence comes from the prompts (`ObjectPrompts.present`: a box, or in training a positive click). An
-object absent from a slice gets no box (its point slots are padding) and whatever SAM 2 computes for it there
-is replaced: its output is the constant ABSENT_LOGIT, and its memory for later slices says "absent" exactly as
-SAM 2 writes an object it scores as not visible: mask logits NO_OBJ_SCORE, a negative object score (so the
-memory encoder adds `no_obj_embed_spatial`), and `no_obj_ptr` as its object pointer. A present object's memory
-is SAM 2's usual one, encoded from its predicted mask, with a positive object score.
+`track_slice` runs one slice for every object; the interactive session (interactive/propagation.py) calls it
+too, one object at a time, so training, cascade prediction and interaction run one code path. SAM 2 takes
+one prompt layout per call, so objects whose prompts differ in kind (number of points, mask or not) run as
+separate groups, each with the memories of its own objects; in the common case every object of a slice has a
+box and a mask and the slice is one call.
 
-Unprompted slices (`ObjectPrompts.unprompted`, in training only: see `drop_training_prompts`) are segmented as
-SAM 2's video predictor segments frames without prompts: from memory alone, SAM 2 itself deciding whether each
-object is there. That is how an interactive session (interactive/propagation.py) segments the slices a person
-did not prompt, so training covers it.
+Object presence (`Departures.presence_from_prompts`, on by default): an object with prompts on a slice is there
+exactly when its prompts say so (`ObjectPrompts.present`: a box, or a positive click). An object without a box
+or a positive click is absent: its output is the constant ABSENT_LOGIT, and its memory for later slices says
+"absent" exactly as SAM 2 writes an object it scores as not visible (mask logits NO_OBJ_SCORE, a negative object
+score, so the memory encoder adds `no_obj_embed_spatial`, and `no_obj_ptr` as its object pointer). Slices left
+without prompts (`ObjectPrompts.unprompted`: in training, see `drop_training_prompts`) are segmented as SAM 2's
+video predictor segments frames without prompts: from memory alone, SAM 2's object-score head deciding whether
+each object is there. With the departure off, the head decides on every slice and memories are SAM 2's own.
+
+The object-score logits of every slice are returned as well: training gives them a presence loss, as Meta trains
+the head, so that slices left to memory are judged by a head that has seen this data.
 """
 from __future__ import annotations
 
@@ -32,13 +38,15 @@ import torch
 import torch.nn.functional as F
 from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
 
-from nnunetv2_rfmedsam.model.prompts import ObjectPrompts
+from nnunetv2_rfmedsam.model.departures import REFINER, Departures, sam2_call_flags
+from nnunetv2_rfmedsam.model.prompts import NOT_A_POINT, ObjectPrompts
 
-# the logit of a class on a slice where it has no prompt: background after nnU-Net's softmax, yet finite
+# the logit of a class on a slice where it is absent: background after nnU-Net's softmax, yet finite
 ABSENT_LOGIT = -20.0
 # object-score logits written into memory for present / absent objects (the values SAM 2 uses for masks
 # given as output, `SAM2Base._use_mask_as_output`)
 PRESENT_SCORE, ABSENT_SCORE = 10.0, -10.0
+MEMORY_KEYS = ("maskmem_features", "maskmem_pos_enc", "obj_ptr")
 
 
 @dataclass
@@ -68,9 +76,20 @@ def encode_slices(sam_model: SAM2Base, frames: torch.Tensor, num_slices: int) ->
 
 
 class SliceLogits(NamedTuple):
-    low_res: torch.Tensor  # (N, D, S/4, S/4) SAM 2's mask logits
-    patch: torch.Tensor    # (N, D, H, W) the same, resized to the patch grid
-    # both are ABSENT_LOGIT where the object is absent
+    low_res: torch.Tensor        # (N, D, S/4, S/4) SAM 2's mask logits
+    patch: torch.Tensor          # (N, D, H, W) the same, resized to the patch grid
+    object_scores: torch.Tensor  # (N, D) SAM 2's object-score logits
+    # with presence from prompts, low_res and patch are ABSENT_LOGIT where the object is absent
+
+
+@dataclass
+class SliceOutput:
+    """One slice's result for N objects, and its memory for the slices after it."""
+
+    low_res: torch.Tensor       # (N, 1, S/4, S/4)
+    object_score: torch.Tensor  # (N, 1)
+    present: torch.Tensor       # (N,) bool
+    memory: dict | None         # SAM 2's frame output (MEMORY_KEYS), or None when no memory was written
 
 
 def logits_to_grid(low_res: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -82,52 +101,133 @@ def logits_to_grid(low_res: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Ten
     return resized.reshape(*lead, *grid_hw)
 
 
-def encode_slice_memory(sam_model: SAM2Base, frame_out: dict, vision_feats: list[torch.Tensor],
-                        feat_sizes: list[tuple[int, int]], point_inputs: dict | None, high_res: torch.Tensor,
-                        obj_ptr: torch.Tensor, present: torch.Tensor) -> None:
-    """Write one slice's memory and object pointer into `frame_out` (SAM 2's per-frame output dict), saying
-    "absent" for the objects where `present` (N,) is False (see the module docstring)."""
-    frame_out["obj_ptr"] = torch.where(present[:, None], obj_ptr, sam_model.no_obj_ptr)
-    sam_model._encode_memory_in_output(
-        vision_feats, feat_sizes, point_inputs, run_mem_encoder=True,
-        high_res_masks=torch.where(present[:, None, None, None], high_res, NO_OBJ_SCORE),
-        object_score_logits=torch.where(present[:, None], PRESENT_SCORE, ABSENT_SCORE),
-        current_out=frame_out)
+class _Group(NamedTuple):
+    objects: torch.Tensor         # indices into the N objects
+    point_inputs: dict | None
+    mask_inputs: torch.Tensor | None
+    prompted: bool
+
+
+def _prompt_groups(prompts: ObjectPrompts, s: int, departures: Departures) -> list[_Group]:
+    """The objects of prompt slice `s` grouped by prompt layout, each with SAM 2's inputs holding only real
+    points (a box's two corners first, then the clicks), as SAM2ImagePredictor and SAM2VideoPredictor give them.
+
+    With presence from prompts, the outputs of absent objects are replaced anyway: they ride along in the
+    largest group, padded with NOT_A_POINT, rather than costing a SAM 2 call of their own."""
+    num_objects = prompts.present.shape[0]
+    device = prompts.present.device
+    if s in prompts.unprompted:
+        return [_Group(torch.arange(num_objects, device=device), None, None, False)]
+    coords, labels = prompts.slice_points(s)
+    # real points first, in their order: a stable sort on "is padding"
+    order = torch.argsort((labels == NOT_A_POINT).to(torch.int8), dim=1, stable=True)
+    coords = torch.gather(coords, 1, order[..., None].expand_as(coords))
+    labels = torch.gather(labels, 1, order)
+    counts = (labels != NOT_A_POINT).sum(dim=1).tolist()
+    masks = prompts.mask_inputs(s)
+    dont_care = (~prompts.present[:, s]).tolist() if departures.presence_from_prompts else [False] * num_objects
+    layouts: dict[tuple[int, bool], list[int]] = {}
+    for n in range(num_objects):
+        if not dont_care[n]:
+            layouts.setdefault((counts[n], masks is not None and counts[n] > 0), []).append(n)
+    riders = [n for n in range(num_objects) if dont_care[n]]
+    if riders:
+        if layouts:
+            max(layouts.values(), key=len).extend(riders)
+        else:
+            layouts[(max(counts), masks is not None)] = riders
+    groups = []
+    for (count, with_mask), members in layouts.items():
+        index = torch.tensor(sorted(members), device=device)
+        point_inputs = None if count == 0 else {"point_coords": coords[index, :count].float(),
+                                                "point_labels": labels[index, :count].to(torch.int32)}
+        groups.append(_Group(index, point_inputs, masks[index] if with_mask else None,
+                             point_inputs is not None or with_mask))
+    return groups
+
+
+def _objects_of(memory_bank: dict, index: torch.Tensor) -> dict:
+    """The memory bank of a subset of the objects (SAM 2 reads these keys of each earlier frame's output)."""
+    return {kind: {t: {"maskmem_features": out["maskmem_features"][index],
+                       "maskmem_pos_enc": [p[index] for p in out["maskmem_pos_enc"]],
+                       "obj_ptr": out["obj_ptr"][index]} for t, out in frames.items()}
+            for kind, frames in memory_bank.items()}
+
+
+def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int, prompts: ObjectPrompts,
+                prompt_slice: int, memory_bank: dict, is_init_cond_frame: bool, reverse: bool = False,
+                write_memory: bool = True, departures: Departures = REFINER) -> SliceOutput:
+    """SAM 2's `_track_step` on one slice for all N objects of `prompts` (its slice `prompt_slice`), conditioned
+    on `memory_bank` ({"cond_frame_outputs": {t: out}, "non_cond_frame_outputs": {t: out}}), then the slice's
+    memory (see the module docstring)."""
+    num_objects = prompts.present.shape[0]
+    vision_feats, vision_pos_embeds = features.for_objects(feature_slice, num_objects)
+    groups = _prompt_groups(prompts, prompt_slice, departures)
+    low_res, high_res, obj_ptr, object_score = [], [], [], []
+    for group in groups:
+        whole = len(groups) == 1
+        with sam2_call_flags(sam_model, departures, group.prompted):
+            _, sam_outputs, _, _ = sam_model._track_step(
+                frame_idx=feature_slice, is_init_cond_frame=is_init_cond_frame,
+                current_vision_feats=vision_feats if whole else [x[:, group.objects] for x in vision_feats],
+                current_vision_pos_embeds=vision_pos_embeds if whole else [x[:, group.objects]
+                                                                           for x in vision_pos_embeds],
+                feat_sizes=features.feat_sizes, point_inputs=group.point_inputs, mask_inputs=group.mask_inputs,
+                output_dict=memory_bank if whole else _objects_of(memory_bank, group.objects),
+                num_frames=features.num_slices, track_in_reverse=reverse, prev_sam_mask_logits=None)
+        for gathered, value in zip((low_res, high_res, obj_ptr, object_score), sam_outputs[3:]):
+            gathered.append(value)
+    order = torch.argsort(torch.cat([g.objects for g in groups]))
+    low_res, high_res, obj_ptr, object_score = (torch.cat(v)[order] for v in (low_res, high_res, obj_ptr,
+                                                                               object_score))
+    low_res, high_res, object_score = low_res.float(), high_res.float(), object_score.float()
+    scored_present = object_score[:, 0] > 0
+    if departures.presence_from_prompts:
+        prompted = torch.zeros(num_objects, dtype=torch.bool, device=low_res.device)
+        for group in groups:
+            prompted[group.objects] = group.prompted
+        present = torch.where(prompted, prompts.present[:, prompt_slice], scored_present)
+        low_res = torch.where(present[:, None, None, None], low_res, ABSENT_LOGIT)
+    else:
+        present = scored_present
+    memory = None
+    if write_memory:
+        memory_score = object_score
+        if departures.presence_from_prompts:
+            # an object found from memory alone whose mask is empty is remembered as absent
+            remembered = present & (prompted | (low_res > 0).flatten(1).any(dim=1))
+            obj_ptr = torch.where(remembered[:, None], obj_ptr, sam_model.no_obj_ptr)
+            high_res = torch.where(remembered[:, None, None, None], high_res, NO_OBJ_SCORE)
+            memory_score = torch.where(remembered[:, None], PRESENT_SCORE, ABSENT_SCORE)
+        memory = {"obj_ptr": obj_ptr}
+        sam_model._encode_memory_in_output(vision_feats, features.feat_sizes, None, True, high_res, memory_score,
+                                           memory)
+        if not sam_model.training:
+            # SAM2VideoPredictor keeps memories in bfloat16 (`_run_single_frame_inference`): same values, half
+            # the memory; training keeps float32, as Meta's training does
+            memory["maskmem_features"] = memory["maskmem_features"].to(torch.bfloat16)
+        memory = {key: memory[key] for key in MEMORY_KEYS}
+    return SliceOutput(low_res=low_res, object_score=object_score, present=present, memory=memory)
 
 
 def refine_slices(sam_model: SAM2Base, features: SliceFeatures, prompts: ObjectPrompts, use_memory: bool,
-                  patch_hw: tuple[int, int]) -> SliceLogits:
+                  patch_hw: tuple[int, int], departures: Departures = REFINER) -> SliceLogits:
     """SAM 2's mask logits for every object on every slice, given the prompts (see the module docstring)."""
-    num_objects, num_slices = prompts.present.shape
+    num_slices = prompts.present.shape[1]
     memory_bank = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-    low_res_per_slice, present_per_slice = [], []
+    low_res_per_slice, scores_per_slice, present_per_slice = [], [], []
     for d in range(num_slices):
-        vision_feats, vision_pos_embeds = features.for_objects(d, num_objects)
-        point_inputs = prompts.point_inputs(d)
-        frame_out, sam_outputs, _, _ = sam_model._track_step(
-            frame_idx=d, is_init_cond_frame=(d == 0 or not use_memory), current_vision_feats=vision_feats,
-            current_vision_pos_embeds=vision_pos_embeds, feat_sizes=features.feat_sizes,
-            point_inputs=point_inputs, mask_inputs=prompts.mask_inputs(d), output_dict=memory_bank,
-            num_frames=num_slices, track_in_reverse=False, prev_sam_mask_logits=None)
-        _, _, _, low_res, high_res, obj_ptr, object_score = sam_outputs
-        if d in prompts.unprompted:
-            # as SAM 2's tracking decides: its object score says whether the object is there (SAM 2 has then
-            # already set the mask of an absent object to NO_OBJ_SCORE), and its mask where
-            present = object_score[:, 0] > 0
-        else:
-            present = prompts.present[:, d]
-        low_res = torch.where(present[:, None, None, None], low_res, ABSENT_LOGIT)
-        low_res_per_slice.append(low_res)
-        present_per_slice.append(present)
-        if use_memory and d < num_slices - 1:  # the last slice's memory would have no reader
-            # an unprompted object whose mask is empty is written as absent, as the interactive session does
-            remembered = present & (low_res > 0).flatten(1).any(dim=1) if d in prompts.unprompted else present
-            encode_slice_memory(sam_model, frame_out, vision_feats, features.feat_sizes, point_inputs, high_res,
-                                obj_ptr, remembered)
-            memory_bank["cond_frame_outputs" if d == 0 else "non_cond_frame_outputs"][d] = frame_out
+        out = track_slice(sam_model, features, d, prompts, d, memory_bank, is_init_cond_frame=(d == 0 or not use_memory),
+                          write_memory=use_memory and d < num_slices - 1, departures=departures)
+        low_res_per_slice.append(out.low_res)
+        scores_per_slice.append(out.object_score)
+        present_per_slice.append(out.present)
+        if out.memory is not None:
+            memory_bank["cond_frame_outputs" if d == 0 else "non_cond_frame_outputs"][d] = out.memory
 
     low_res = torch.cat(low_res_per_slice, dim=1)  # (N, D, S/4, S/4)
     patch = logits_to_grid(low_res, patch_hw)
-    # resampling a constant is only nearly constant in floating point: restore it exactly
-    patch = torch.where(torch.stack(present_per_slice, dim=1)[:, :, None, None], patch, ABSENT_LOGIT)
-    return SliceLogits(low_res=low_res, patch=patch)
+    if departures.presence_from_prompts:
+        # resampling a constant is only nearly constant in floating point: restore it exactly
+        patch = torch.where(torch.stack(present_per_slice, dim=1)[:, :, None, None], patch, ABSENT_LOGIT)
+    return SliceLogits(low_res=low_res, patch=patch, object_scores=torch.cat(scores_per_slice, dim=1))

@@ -29,9 +29,6 @@ def sam2_hydra_overrides(image_size: int) -> list[str]:
         f"++model.image_size={image_size}",
         f"++model.memory_attention.layer.self_attention.feat_sizes=[{grid},{grid}]",
         f"++model.memory_attention.layer.cross_attention.feat_sizes=[{grid},{grid}]",
-        # the packaged configs copy a mask prompt to the output unchanged (the video predictor treats it as
-        # ground truth); a refiner must send it through the prompt encoder and mask decoder instead
-        "++model.use_mask_input_as_output_without_sam=false",
     ]
 
 
@@ -45,10 +42,4 @@ def build_sam2_model(model_size: str, image_size: int, device: str = "cpu") -> S
     validate_model_size(model_size)
     model = build_sam2(SAM2_MODELS[model_size][0], ckpt_path=None, device=device, mode="train",
                        hydra_overrides_extra=sam2_hydra_overrides(image_size), apply_postprocessing=False)
-    # Object presence on a slice is decided by the prompts (see refinement.py), not by SAM 2's occlusion
-    # head: with `pred_obj_scores` on, `_forward_sam_heads` replaces the logits of an object it scores as
-    # absent by a constant -1024, which carries no gradient, so a prompted object that the untuned head
-    # scores as absent could never be learnt. The flag is read at forward time only; the head, its token and
-    # `no_obj_ptr` stay in the model, so checkpoints are unaffected.
-    model.pred_obj_scores = False
     return model

@@ -1,0 +1,58 @@
+"""Where the refiner deliberately differs from SAM 2, in one place, each switchable.
+
+Everything not named here runs as sam2 1.1.0 runs it: the refiner calls SAM 2's own `_track_step`,
+`_forward_sam_heads` and `_encode_new_memory`, with SAM 2's prompt layout (a box as its two corner points,
+then the clicks; only real points, so SAM 2's rule gives one or no point the three-mask output), its memory
+layout (the first prompted slice is the only conditioning frame; every later slice, prompted or not, is a
+non-conditioning frame, as SAM2VideoPredictor treats a correction on a tracked frame with its default
+`add_all_frames_to_correct_as_cond=False`, and as Meta's training treats its corrected frames), and in
+evaluation its predictor's bfloat16 memory storage. tests/test_fidelity.py holds the refiner to
+SAM2ImagePredictor and SAM2VideoPredictor with shared weights.
+
+The departures:
+- `presence_from_prompts`: on a slice where an object has prompts, the prompts say whether it is there (a box
+  or a positive click: present; none, or negative clicks only: absent, logit ABSENT_LOGIT, memory "absent"),
+  and SAM 2's object-score head does not overrule them by replacing the mask with NO_OBJ_SCORE. That is how
+  SAM2ImagePredictor treats prompts (it never reads the object score); SAM2VideoPredictor lets the head
+  decide on every frame (False). On slices without prompts the head decides either way, as in the video
+  predictor. Why: a stage-1 mask is the strongest evidence of presence there is, and a head that wrongly
+  scores a prompted object absent would give a constant logit and no gradient to learn from.
+- `mask_prompts_through_decoder`: a mask prompt (the stage-1 mask, or a pass's own result) goes through SAM 2's
+  prompt encoder and mask decoder. SAM 2's packaged configs copy a mask prompt to the output unchanged
+  (`use_mask_input_as_output_without_sam`: the video predictor takes a given mask as ground truth), which
+  would leave nothing to refine.
+Two more live in the network, as plans settings: `start_at_prompt` (the output is a learned gate between the
+stage-1 mask and SAM 2's logits, starting at the mask; network.py) and the refinement passes themselves.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from sam2.modeling.sam2_base import SAM2Base
+
+
+@dataclass(frozen=True)
+class Departures:
+    presence_from_prompts: bool = True
+    mask_prompts_through_decoder: bool = True
+
+
+# what the refiner does by default, and SAM 2's own behaviour (for the fidelity tests)
+REFINER = Departures()
+SAM2_BEHAVIOUR = Departures(presence_from_prompts=False, mask_prompts_through_decoder=False)
+
+
+@contextlib.contextmanager
+def sam2_call_flags(sam_model: SAM2Base, departures: Departures, prompted: bool):
+    """SAM 2's run-time flags for one `_track_step` call on objects that have prompts (`prompted`) or not.
+
+    `pred_obj_scores` is read only at forward time by `_forward_sam_heads` (the heads, the object-score token
+    and `no_obj_ptr` exist either way), and `use_mask_input_as_output_without_sam` only by `_track_step`."""
+    saved = sam_model.pred_obj_scores, sam_model.use_mask_input_as_output_without_sam
+    sam_model.pred_obj_scores = saved[0] and not (departures.presence_from_prompts and prompted)
+    sam_model.use_mask_input_as_output_without_sam = not departures.mask_prompts_through_decoder
+    try:
+        yield
+    finally:
+        sam_model.pred_obj_scores, sam_model.use_mask_input_as_output_without_sam = saved
