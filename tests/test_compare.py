@@ -173,6 +173,10 @@ def test_metrics_json_schema(folders):
     assert improvement["dice_diff_mean"] == pytest.approx(1 - 3 / 4)
     assert (improvement["wins"], improvement["ties"], improvement["losses"]) == (3, 0, 0)
     assert result["paired"]["exact"]["2"]["wilcoxon_p"] == 1.0  # label 2 identical in both methods
+    # per case, the mean over both classes: label 1 gains 1/4, label 2 nothing
+    overall = result["paired"]["exact"]["foreground_mean"]
+    assert overall["dice_diff_mean"] == pytest.approx((1 - 3 / 4) / 2) and overall["wins"] == 3
+    assert overall["ci95"][0] <= overall["dice_diff_mean"] <= overall["ci95"][1]
     assert result["methods"]["shifted"]["per_class"]["1"]["hd95"]["mean"] == 1.0
     assert len(result["cases"]) == 2 * 3 * 2
     assert set(result["cases"][0]) >= {"method", "case", "label", "dice", "nsd", "hd95"}

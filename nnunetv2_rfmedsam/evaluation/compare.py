@@ -51,6 +51,8 @@ GEOMETRY_RTOL = 1e-4
 # origins near 0 mm and direction cosines near 0 need an absolute floor under the relative tolerance
 GEOMETRY_ATOL = 1e-4
 METRICS = ("dice", "nsd", "hd95")
+# the key, beside the labels, of the paired comparison of each case's mean Dice over the classes
+FOREGROUND_MEAN = "foreground_mean"
 OUTPUT_FILES = ("metrics.json", "report.md", "cases.csv", "dice_per_class.png", "paired_cases.png")
 
 _Task = TypeVar("_Task")
@@ -233,10 +235,13 @@ def assemble_results(records: list[dict], methods: Mapping[str, str], label_name
         paired[method] = {}
         for label in labels:
             baseline_dice, candidate_dice = _paired_dice(values, baseline, method, label)
-            comparison = paired_comparison(candidate_dice, baseline_dice)
-            paired[method][label] = {"n_cases": comparison.n_cases, "dice_diff_mean": comparison.mean_difference,
-                                     "ci95": list(comparison.ci95), "wilcoxon_p": comparison.wilcoxon_p,
-                                     "wins": comparison.wins, "ties": comparison.ties, "losses": comparison.losses}
+            paired[method][label] = _paired_record(paired_comparison(candidate_dice, baseline_dice))
+        # per case, the mean Dice over the classes: the method's overall difference, with its own interval
+        common = sorted(set.intersection(*(set(values.get((m, label), {})) for m in (baseline, method)
+                                           for label in labels)))
+        means = [[_nanmean([values[(m, label)][case]["dice"] for label in labels]) for case in common]
+                 for m in (baseline, method)]
+        paired[method][FOREGROUND_MEAN] = _paired_record(paired_comparison(means[1], means[0]))
     return {
         "settings": {"ground_truth": os.path.abspath(gt_dir),
                      "predictions": {m: os.path.abspath(folder) for m, folder in methods.items()},
@@ -281,7 +286,8 @@ def render_report(result: dict, label_names: Mapping[int, str]) -> str:
                  f"[{_number(p['ci95'][0], signed=True)}, {_number(p['ci95'][1], signed=True)}]",
                  _number(p["wilcoxon_p"]), f"{p['wins']} / {p['ties']} / {p['losses']}"]
                 for method, per_class in result["paired"].items()
-                for header, p in zip(headers, (per_class[label] for label in labels))]
+                for header, p in zip(headers + ["Foreground mean (per case)"],
+                                     (per_class[label] for label in labels + [FOREGROUND_MEAN]))]
         lines += _table(["Method", "Class", "Cases", "Mean difference", "95% CI (bootstrap)", "Wilcoxon p",
                          "Wins / ties / losses"], rows)
         lines += ["", f"Cases both methods predicted; percentile bootstrap over cases "
@@ -421,6 +427,12 @@ def _values_by_method_label_case(records: Iterable[dict]) -> dict[tuple[str, str
     for record in records:
         values.setdefault((record["method"], record["label"]), {})[record["case"]] = record
     return values
+
+
+def _paired_record(comparison) -> dict:
+    return {"n_cases": comparison.n_cases, "dice_diff_mean": comparison.mean_difference,
+            "ci95": list(comparison.ci95), "wilcoxon_p": comparison.wilcoxon_p,
+            "wins": comparison.wins, "ties": comparison.ties, "losses": comparison.losses}
 
 
 def _paired_dice(values: Mapping[tuple[str, str], Mapping[str, dict]], baseline: str, candidate: str,
