@@ -9,6 +9,14 @@ shortened, so the baseline is `nnUNetTrainerBudget` (nnUNetTrainer plus the budg
 (`nnUNetTrainerRFPrompt`) is that very training too; `--baseline stage1` uses it as the baseline instead of
 training the same recipe a second time (which would only measure run-to-run noise), for budgets where
 time is short.
+
+Stage 2 learns from stage 1's predictions of the training cases, and should see them as it will at test time.
+By default (`--stage1-folds 5fold`) stage 1 and the baseline train folds 0-4 of nnU-Net's own five-fold split
+(written to splits_final.json): each fold's final validation writes the OUT-OF-FOLD prediction of its validation
+cases into stage 1's `predicted_next_stage/3d_rfmedsam2/`, and imagesTs is predicted by the ensemble of the five
+(`-f 0 1 2 3 4`). This needs at least 5 training cases. `--stage1-folds all` trains one model on every case
+instead (five times shorter, for demos and tests): its final validation predicts its own training cases, so stage 2
+learns from IN-SAMPLE, nearly perfect prompts and sees worse ones at test time; the recipe says so when it prints.
 """
 from __future__ import annotations
 
@@ -26,9 +34,17 @@ from nnunetv2_rfmedsam.settings import PLANS_IDENTIFIER, STAGE1_CONFIGURATION, S
     STAGE2_TRAINER
 
 BUDGET_VARIABLES = ("RFMEDSAM2_NUM_EPOCHS", "RFMEDSAM2_ITERS_PER_EPOCH", "RFMEDSAM2_VAL_ITERS")
+STAGE1_FOLDS = {"5fold": ["0", "1", "2", "3", "4"], "all": ["all"]}
+IN_SAMPLE_PROMPTS = "IN-SAMPLE (stage 1 fold all predicted its own training cases; test-time prompts will be worse)"
+OUT_OF_FOLD_PROMPTS = ("OUT-OF-FOLD (each training case predicted by the stage-1 fold that did not train on it, "
+                       "as test cases are)")
 
 
 class CommandFailed(RuntimeError):
+    pass
+
+
+class RecipeError(ValueError):
     pass
 
 
@@ -53,20 +69,39 @@ class HoldoutRecipe:
     stage1_budget: tuple[int, int, int] | None = None
     stage2_budget: tuple[int, int, int] | None = None
     baseline: str = "separate"  # or "stage1"
-    # >0: stage 2 trains fold 0 of a split with this many validation cases instead of fold `all`, whose
-    # final validation runs SAM 2 over every training case
+    # >0: stage 2 trains an extra split with this many validation cases (fold 5 after the five stage-1 folds, fold 0
+    # with stage1_folds="all") instead of fold `all`, whose final validation runs SAM 2 over every training case
     stage2_validation_cases: int = 0
     sam2_options: list[str] = field(default_factory=list)
     # stock nnUNetv2_predict flags, the same for every method so that the comparison stays fair
     predict_flags: list[str] = field(default_factory=list)
     device: str = "cpu"
     num_processes: int = 2
+    # "5fold": stage 1 and the baseline train folds 0-4 (out-of-fold prompts for stage 2, imagesTs predicted by
+    # their ensemble); "all": fold `all` only, five times shorter, but stage 2 trains on in-sample prompts
+    stage1_folds: str = "5fold"
+
+    def __post_init__(self):
+        if self.stage1_folds not in STAGE1_FOLDS:
+            raise RecipeError(f"stage1_folds={self.stage1_folds!r}: use one of {', '.join(STAGE1_FOLDS)}")
+
+    @property
+    def stage1_fold_names(self) -> list[str]:
+        return STAGE1_FOLDS[self.stage1_folds]
+
+    @property
+    def stage2_prompts(self) -> str:
+        return IN_SAMPLE_PROMPTS if self.stage1_folds == "all" else OUT_OF_FOLD_PROMPTS
 
     def describe(self) -> dict:
         return {"stage 1 budget (epochs, iterations, val iterations)": self.stage1_budget or "nnU-Net default",
                 "stage 2 budget": self.stage2_budget or "nnU-Net default",
                 "baseline": "stage 1 (nnUNetTrainerRFPrompt = nnU-Net's default training)"
                 if self.baseline == "stage1" else "trained separately",
+                "stage 1 and baseline folds": "all (one model trained on every training case)"
+                if self.stage1_folds == "all" else "0 1 2 3 4 (five-fold cross-validation; imagesTs predicted by "
+                                                   "the ensemble of the five)",
+                "stage-2 training prompts": self.stage2_prompts,
                 "stage 2 validation cases": self.stage2_validation_cases or "fold all",
                 "SAM 2 planner options": " ".join(self.sam2_options) or "defaults",
                 "prediction flags (all methods)": " ".join(self.predict_flags) or "nnU-Net defaults",
@@ -77,10 +112,43 @@ def budget_env(budget: tuple[int, int, int] | None) -> dict:
     return {} if budget is None else dict(zip(BUDGET_VARIABLES, map(str, budget)))
 
 
-def write_stage2_split(preprocessed: Path, train_cases: list[str], num_validation: int) -> None:
+def stage2_split(train_cases: list[str], num_validation: int) -> dict:
     validation = train_cases[:: max(1, len(train_cases) // num_validation)][:num_validation]
-    split = [{"train": [c for c in train_cases if c not in validation], "val": validation}]
-    (preprocessed / "splits_final.json").write_text(json.dumps(split, indent=1))
+    return {"train": [c for c in train_cases if c not in validation], "val": validation}
+
+
+def require_five_cases(train_cases: list[str]) -> None:
+    if len(train_cases) < 5:
+        raise RecipeError(f"five-fold cross-validation needs at least 5 training cases, found {len(train_cases)}: "
+                          f"add cases, or use --stage1-folds all (in-sample stage-2 training prompts)")
+
+
+def write_splits(preprocessed: Path, train_cases: list[str], stage1_folds: str, stage2_validation_cases: int) -> str:
+    """Write splits_final.json, shared by every training of the dataset; return stage 2's fold.
+
+    "5fold": nnU-Net's own seeded five-fold split (what `nnUNetTrainer.do_split` would create) comes first, so that
+    a stale file cannot change it; stage 2's split, if any, follows as fold 5. "all": stage 2's split is fold 0.
+    Without a stage-2 split, stage 2 trains fold `all`.
+    """
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    splits = []
+    if stage1_folds == "5fold":
+        require_five_cases(train_cases)
+        splits = [{key: [str(c) for c in value] for key, value in split.items()}
+                  for split in generate_crossval_split(sorted(train_cases), seed=12345, n_splits=5)]
+    if stage2_validation_cases:
+        splits.append(stage2_split(train_cases, stage2_validation_cases))
+    if splits:
+        preprocessed.mkdir(parents=True, exist_ok=True)
+        (preprocessed / "splits_final.json").write_text(json.dumps(splits, indent=1))
+    return str(len(splits) - 1) if stage2_validation_cases else "all"
+
+
+def stage1_prompt_folder(env: dict, dataset_name: str) -> Path:
+    """Where stage 1's final validations write stage 2's training prompts (and their manifest)."""
+    return (Path(env["nnUNet_results"]) / dataset_name / f"{STAGE1_TRAINER}__{PLANS_IDENTIFIER}__{STAGE1_CONFIGURATION}"
+            / "predicted_next_stage" / STAGE2_CONFIGURATION)
 
 
 def raw_dataset_folder(dataset_id: int, env: dict) -> Path:
@@ -103,38 +171,47 @@ def evaluate_holdout(dataset_id: int, recipe: HoldoutRecipe, env: dict, output: 
         if not (raw / folder).is_dir():
             raise FileNotFoundError(f"{raw / folder} does not exist: the held-out evaluation needs test images "
                                     f"and their labels beside imagesTr/labelsTr")
+    train_cases = list_cases(raw)
+    if recipe.stage1_folds == "5fold":
+        require_five_cases(train_cases)  # before any time is spent
     logs = output / "logs"
     d = str(dataset_id)
     run_logged(["nnUNetv2_rfmedsam_plan_and_preprocess", "-d", d, "-c", STAGE1_CONFIGURATION, STAGE2_CONFIGURATION,
                 "-np", str(recipe.num_processes), "-npfp", str(recipe.num_processes), "--no_pbar",
                 *recipe.sam2_options], env, logs / "plan_and_preprocess.log")
-    stage2_fold = "all"
-    if recipe.stage2_validation_cases:
-        write_stage2_split(Path(env["nnUNet_preprocessed"]) / name, list_cases(raw), recipe.stage2_validation_cases)
-        stage2_fold = "0"
+    stage2_fold = write_splits(Path(env["nnUNet_preprocessed"]) / name, train_cases, recipe.stage1_folds,
+                               recipe.stage2_validation_cases)
+    stage1_folds = recipe.stage1_fold_names
 
-    def train(configuration, fold, trainer, budget):
-        run_logged(["nnUNetv2_train", d, configuration, fold, "-p", PLANS_IDENTIFIER, "-tr", trainer,
-                    "-device", recipe.device], dict(env, **budget_env(budget)), logs / f"train_{trainer}.log")
+    def train(configuration, folds, trainer, budget):
+        for fold in folds:
+            log = f"train_{trainer}.log" if len(folds) == 1 else f"train_{trainer}_fold_{fold}.log"
+            run_logged(["nnUNetv2_train", d, configuration, fold, "-p", PLANS_IDENTIFIER, "-tr", trainer,
+                        "-device", recipe.device], dict(env, **budget_env(budget)), logs / log)
 
-    def predict(configuration, fold, trainer, out, *extra):
+    def predict(configuration, folds, trainer, out, *extra):
         run_logged(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", d, "-c", configuration,
-                    "-p", PLANS_IDENTIFIER, "-tr", trainer, "-f", fold, "-device", recipe.device,
+                    "-p", PLANS_IDENTIFIER, "-tr", trainer, "-f", *folds, "-device", recipe.device,
                     "-npp", "1", "-nps", "1", *recipe.predict_flags, *extra], env, logs / f"predict_{trainer}.log")
 
     baseline_trainer = STAGE1_TRAINER if recipe.baseline == "stage1" else \
         ("nnUNetTrainer" if recipe.stage1_budget is None else "nnUNetTrainerBudget")
-    # stage 1 on fold `all`: its final validation then writes a prompt for every training case
-    train(STAGE1_CONFIGURATION, "all", STAGE1_TRAINER, recipe.stage1_budget)
+    # each stage-1 fold's final validation writes the prompts of its validation cases: folds 0-4 out of fold,
+    # fold `all` in sample (every training case)
+    train(STAGE1_CONFIGURATION, stage1_folds, STAGE1_TRAINER, recipe.stage1_budget)
+    from nnunetv2_rfmedsam.trainers.prompt_trainer import describe_prompt_origin
+    prompts = stage1_prompt_folder(env, name)
+    print(f"\nstage-2 training prompts (stage 1's manifest in {prompts}): "
+          f"{describe_prompt_origin(prompts, train_cases)}", flush=True)
     if baseline_trainer != STAGE1_TRAINER:
-        train(STAGE1_CONFIGURATION, "all", baseline_trainer, recipe.stage1_budget)
-    train(STAGE2_CONFIGURATION, stage2_fold, STAGE2_TRAINER, recipe.stage2_budget)
+        train(STAGE1_CONFIGURATION, stage1_folds, baseline_trainer, recipe.stage1_budget)
+    train(STAGE2_CONFIGURATION, [stage2_fold], STAGE2_TRAINER, recipe.stage2_budget)
 
     predictions = output / "predictions"
-    predict(STAGE1_CONFIGURATION, "all", STAGE1_TRAINER, predictions / "stage1")
+    predict(STAGE1_CONFIGURATION, stage1_folds, STAGE1_TRAINER, predictions / "stage1")
     if baseline_trainer != STAGE1_TRAINER:
-        predict(STAGE1_CONFIGURATION, "all", baseline_trainer, predictions / "baseline")
-    predict(STAGE2_CONFIGURATION, stage2_fold, STAGE2_TRAINER, predictions / "cascade",
+        predict(STAGE1_CONFIGURATION, stage1_folds, baseline_trainer, predictions / "baseline")
+    predict(STAGE2_CONFIGURATION, [stage2_fold], STAGE2_TRAINER, predictions / "cascade",
             "-prev_stage_predictions", str(predictions / "stage1"))
 
     methods = {f"nnU-Net ({baseline_trainer})": predictions / ("stage1" if baseline_trainer == STAGE1_TRAINER
@@ -153,6 +230,30 @@ def print_dice_table(metrics: dict, label_names: dict[str, str]) -> None:
     for method, summary in metrics["methods"].items():
         row = "".join(f"{summary['per_class'][k]['dice']['mean']:12.3f}" for k in label_names)
         print(f"{method:44s}{row}{summary['foreground_mean']['dice']:10.3f}")
+
+
+def _signed(value) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def print_paired_differences(metrics: dict, label_names: dict[str, str]) -> None:
+    """Each candidate against the baseline, per class and for each case's mean over the classes, from compare's
+    paired statistics: mean Dice difference (candidate - baseline) over the cases both predicted, its 95%
+    bootstrap interval, wins / ties / losses."""
+    paired = metrics["paired"]
+    if not paired:
+        return
+    print(f"\npaired Dice difference, candidate - baseline ({metrics['settings']['baseline']}), per case:")
+    print(f"{'method':44s}{'class':>12s}{'cases':>7s}{'mean diff':>11s}{'95% interval':>20s}{'wins/ties/losses':>18s}")
+    from nnunetv2_rfmedsam.evaluation.compare import FOREGROUND_MEAN
+    rows = {**label_names, FOREGROUND_MEAN: "mean"}
+    for method, per_class in paired.items():
+        for label, name in rows.items():
+            p = per_class[label]
+            low, high = p["ci95"] if p["ci95"] else (None, None)
+            print(f"{method:44s}{name:>12s}{p['n_cases']:7d}{_signed(p['dice_diff_mean']):>11s}"
+                  f"{'[' + _signed(low) + ', ' + _signed(high) + ']':>20s}"
+                  f"{str(p['wins']) + ' / ' + str(p['ties']) + ' / ' + str(p['losses']):>18s}")
 
 
 def _budget(text: str) -> tuple[int, int, int]:
@@ -175,8 +276,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage2-budget", type=_budget, help="EPOCHS,ITERATIONS,VAL_ITERATIONS for stage 2")
     parser.add_argument("--baseline", choices=["separate", "stage1"], default="separate",
                         help="train the baseline separately (default) or use stage 1, which is the same training")
+    parser.add_argument("--stage1-folds", choices=list(STAGE1_FOLDS), default="5fold",
+                        help="5fold (default): stage 1 and the baseline train folds 0-4, so stage 2 trains on "
+                             "out-of-fold prompts, and imagesTs is predicted by their ensemble (needs >= 5 training "
+                             "cases); all: fold all only, five times shorter, but stage 2's training prompts are "
+                             "in-sample (stage 1 predicted its own training cases) and better than at test time")
     parser.add_argument("--stage2-validation-cases", type=int, default=0,
-                        help="train stage 2 on fold 0 of a split with this many validation cases (default: fold all)")
+                        help="train stage 2 on an extra split with this many validation cases (fold 5 after the "
+                             "five folds, fold 0 with --stage1-folds all; default: fold all)")
     parser.add_argument("--sam2-options", default="", help="planner options, e.g. '--sam2-image-size 256'")
     parser.add_argument("--predict-flags", default="", help="stock nnUNetv2_predict flags for every method, "
                                                            "e.g. '--disable_tta -step_size 1'")
@@ -186,18 +293,23 @@ def main(argv: list[str] | None = None) -> None:
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         if not os.environ.get(variable):
             parser.error(f"{variable} is not set")
-    recipe = HoldoutRecipe(args.stage1_budget, args.stage2_budget, args.baseline, args.stage2_validation_cases,
-                           shlex.split(args.sam2_options), shlex.split(args.predict_flags), args.device, args.np)
+    recipe = HoldoutRecipe(stage1_budget=args.stage1_budget, stage2_budget=args.stage2_budget, baseline=args.baseline,
+                           stage2_validation_cases=args.stage2_validation_cases,
+                           sam2_options=shlex.split(args.sam2_options), predict_flags=shlex.split(args.predict_flags),
+                           device=args.device, num_processes=args.np, stage1_folds=args.stage1_folds)
     env = dict(os.environ)
     env["nnUNet_extTrainer"] = subprocess.run(["nnUNetv2_rfmedsam_ext_path"], env=env, capture_output=True,
                                               text=True, check=True).stdout.strip()
     print(json.dumps(recipe.describe(), indent=1))
     try:
         metrics = evaluate_holdout(args.d, recipe, env, args.o)
-    except (CommandFailed, FileNotFoundError) as error:
+    except (CommandFailed, FileNotFoundError, RecipeError) as error:
         sys.exit(f"error: {error}")
     labels = json.loads((raw_dataset_folder(args.d, env) / "dataset.json").read_text())
-    print_dice_table(metrics, {str(v): k for k, v in labels["labels"].items() if v != 0})
+    label_names = {str(v): k for k, v in labels["labels"].items() if v != 0}
+    print_dice_table(metrics, label_names)
+    print_paired_differences(metrics, label_names)
+    print(f"\nstage-2 training prompts: {recipe.stage2_prompts}")
     print(f"\nreport: {args.o / 'compare' / 'report.md'}")
 
 

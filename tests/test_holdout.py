@@ -14,7 +14,8 @@ def test_holdout_workflow_trains_three_models_and_compares_them(nnunet_workspace
     env = dict(nnunet_workspace["env"], nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
                nnUNet_results=str(tmp_path / "results"), RFMEDSAM2_ALLOW_RANDOM_INIT="1")
     monkeypatch.setenv("PATH", env["PATH"])
-    recipe = HoldoutRecipe(stage1_budget=(1, 2, 1), stage2_budget=(1, 1, 1), baseline="separate",
+    # fold all: the five folds of the default recipe would train stage 1 and the baseline five times each
+    recipe = HoldoutRecipe(stage1_budget=(1, 2, 1), stage2_budget=(1, 1, 1), baseline="separate", stage1_folds="all",
                            stage2_validation_cases=1, sam2_options=["--sam2-image-size", "64"],
                            predict_flags=["--disable_tta", "-step_size", "1"], num_processes=1)
     metrics = evaluate_holdout(4, recipe, env, tmp_path / "out")

@@ -63,7 +63,8 @@ class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
         return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, warmup)
 
     def _build_loss(self):
-        return RefinementPassesLoss(super()._build_loss())
+        settings = SAM2Settings.from_plans(self.configuration_manager.network_arch_init_kwargs)
+        return RefinementPassesLoss(super()._build_loss(), settings.presence_loss_weight)
 
     def train_step(self, batch: dict) -> dict:
         # pass 2's training clicks come from pass 1's errors against the target, which nnU-Net's train_step does
@@ -112,6 +113,16 @@ class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
                 f"stage-1 predictions missing in {folder} for {len(missing)} case(s): {shown}. Train stage 1 first "
                 f"(nnUNetv2_train DATASET {self.configuration_manager.previous_stage_name} all -tr {STAGE1_TRAINER} "
                 f"-p {self.plans_manager.plans_name}, or all five folds): its final validation writes them")
+        self.log_stage1_prompt_origin(sorted(set(train_keys) | set(val_keys)))
+
+    def log_stage1_prompt_origin(self, cases):
+        """Say whether the stage-1 prompts stage 2 trains on are out of fold or in sample (stage 1's manifest)."""
+        from nnunetv2_rfmedsam.trainers.prompt_trainer import describe_prompt_origin, summarize_prompt_origin
+        folder = self.folder_with_segs_from_previous_stage
+        origin = summarize_prompt_origin(folder, cases)
+        warning = "WARNING: " if origin["in_sample"] or origin["unknown"] else ""
+        self.print_to_log_file(f"{warning}Stage-2 training prompts (stage-1 predictions in {folder}, training and "
+                               f"validation cases): {describe_prompt_origin(folder, cases)}")
 
     def load_sam2_weights(self):
         settings = SAM2Settings.from_plans(self.configuration_manager.network_arch_init_kwargs)
