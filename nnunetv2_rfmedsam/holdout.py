@@ -108,6 +108,20 @@ class HoldoutRecipe:
                 "device": self.device}
 
 
+def workspace_env(workdir: Path, base: dict | None = None) -> dict:
+    """The environment of the stock nnU-Net commands for a workspace of its own: raw, preprocessed and results
+    folders under `workdir`, the plugin's trainers on nnUNet_extTrainer, one augmentation worker and as many export
+    processes as cores (nnU-Net's default of 8 starves the predictor on a small CPU)."""
+    env = dict(os.environ if base is None else base)
+    env.update(nnUNet_raw=str(workdir / "nnUNet_raw"), nnUNet_preprocessed=str(workdir / "nnUNet_preprocessed"),
+               nnUNet_results=str(workdir / "nnUNet_results"),
+               nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"),
+               nnUNet_def_n_proc=env.get("nnUNet_def_n_proc", str(os.cpu_count())))
+    env["nnUNet_extTrainer"] = subprocess.run(["nnUNetv2_rfmedsam_ext_path"], env=env, capture_output=True,
+                                              text=True, check=True).stdout.strip()
+    return env
+
+
 def budget_env(budget: tuple[int, int, int] | None) -> dict:
     return {} if budget is None else dict(zip(BUDGET_VARIABLES, map(str, budget)))
 
@@ -199,7 +213,7 @@ def evaluate_holdout(dataset_id: int, recipe: HoldoutRecipe, env: dict, output: 
     # each stage-1 fold's final validation writes the prompts of its validation cases: folds 0-4 out of fold,
     # fold `all` in sample (every training case)
     train(STAGE1_CONFIGURATION, stage1_folds, STAGE1_TRAINER, recipe.stage1_budget)
-    from nnunetv2_rfmedsam.trainers.prompt_trainer import describe_prompt_origin
+    from nnunetv2_rfmedsam.trainers.prompt_folds import describe_prompt_origin
     prompts = stage1_prompt_folder(env, name)
     print(f"\nstage-2 training prompts (stage 1's manifest in {prompts}): "
           f"{describe_prompt_origin(prompts, train_cases)}", flush=True)

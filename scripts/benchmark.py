@@ -229,8 +229,9 @@ def benchmark_ct(plans: dict, dataset_json: dict, shape: list[int], image_size: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=3, help="held-back hippocampus cases to predict (default 3)")
-    parser.add_argument("--image-sizes", type=int, nargs="+", default=[128, 256],
-                        help="SAM 2 input sizes to measure (default 128 256; the planned default is 512)")
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[224, 448],
+                        help="SAM 2 input sizes to measure (default 224 448, which pad no Hiera window; the "
+                             "planned default is 1024)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
     parser.add_argument("--ct", type=int, nargs=3, metavar=("D", "H", "W"),
                         help="also refine the abdominal CT resampled to D H W (e.g. 100 512 512)")

@@ -10,10 +10,10 @@ import SimpleITK as sitk
 from nnunetv2_rfmedsam import holdout
 from nnunetv2_rfmedsam.holdout import HoldoutRecipe, RecipeError, evaluate_holdout, print_paired_differences
 from nnunetv2_rfmedsam.raw_dataset import write_raw_dataset
-from nnunetv2_rfmedsam.trainers.prompt_trainer import (OVERWRITE_OOF_PROMPTS_VARIABLE, PROMPT_FOLDS_MANIFEST,
-                                                       OutOfFoldPromptsWouldBeOverwritten, check_prompt_overwrite,
-                                                       describe_prompt_origin, forget_prompt_folds, read_prompt_folds,
-                                                       record_prompt_folds)
+from nnunetv2_rfmedsam.trainers.prompt_folds import (OVERWRITE_OOF_PROMPTS_VARIABLE, PROMPT_FOLDS_MANIFEST,
+                                                     OutOfFoldPromptsWouldBeOverwritten, check_prompt_overwrite,
+                                                     describe_prompt_origin, forget_prompt_folds, read_prompt_folds,
+                                                     record_prompt_folds)
 
 from conftest import DATASET_ID, DATASET_NAME, PLANS, STAGE1_BUDGET, STAGE1_FOLDER, bin_command, run_command
 

@@ -124,7 +124,7 @@ class InteractiveSession:
 
     def _encode(self, data: torch.Tensor) -> SliceFeatures:
         """SAM 2's image features of every slice, encoded a training patch's worth of slices at a time."""
-        size, chunk = self.network.settings.image_size, self.network.settings.slices_per_patch
+        chunk = self.network.settings.slices_per_patch
         parts = [encode_slices(self.network.sam, self.network.sam_frames(data[None, :, start:start + chunk]),
                                data[:, start:start + chunk].shape[1])
                  for start in range(0, data.shape[1], chunk)]

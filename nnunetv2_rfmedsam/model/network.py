@@ -25,7 +25,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnunetv2_rfmedsam.model.adapters import freeze_for_finetuning, inject_adapters

@@ -117,7 +117,7 @@ class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
 
     def log_stage1_prompt_origin(self, cases):
         """Say whether the stage-1 prompts stage 2 trains on are out of fold or in sample (stage 1's manifest)."""
-        from nnunetv2_rfmedsam.trainers.prompt_trainer import describe_prompt_origin, summarize_prompt_origin
+        from nnunetv2_rfmedsam.trainers.prompt_folds import describe_prompt_origin, summarize_prompt_origin
         folder = self.folder_with_segs_from_previous_stage
         origin = summarize_prompt_origin(folder, cases)
         warning = "WARNING: " if origin["in_sample"] or origin["unknown"] else ""
