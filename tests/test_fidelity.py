@@ -11,6 +11,8 @@ on prompted slices (REFINER); SAM2VideoPredictor lets the object-score head deci
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -108,7 +110,7 @@ def upsampled(low_res: torch.Tensor, size: int) -> torch.Tensor:
 BOX = (50.0, 60.0, 150.0, 170.0)  # in a 224 frame
 
 
-@pytest.fixture(scope="module", params=[224, 1024])
+@pytest.fixture(scope="module", params=[224, 256, 1024])
 def image_case(request):
     size = request.param
     adapted, plain = shared_models(size)
@@ -163,9 +165,13 @@ def test_box_with_mask_prompt_matches_the_image_predictor(image_case):
 
 # --- a sequence of slices with memory: SAM2VideoPredictor ---
 
-@pytest.mark.parametrize("size", [224])
-def test_box_on_the_first_slice_propagates_like_the_video_predictor(size, tmp_path):
-    num_slices = 6
+NUM_SLICES = 6
+
+
+@pytest.fixture(scope="module")
+def video_case(tmp_path_factory):
+    """Shared weights, the video predictor, and its frames: six real slices as JPEG files (what it loads)."""
+    size = 224
     adapted, plain = shared_models(size)
     # shared random weights score every slice present by a small margin; shifting the object-score head's bias
     # (in both models) makes SAM 2 score the boxed first slice absent (-0.017) and the later ones present
@@ -177,20 +183,59 @@ def test_box_on_the_first_slice_propagates_like_the_video_predictor(size, tmp_pa
                                            hydra_overrides_extra=sam2_hydra_overrides(size),
                                            apply_postprocessing=False)
     predictor.load_state_dict(plain.state_dict())
-    # the video predictor loads JPEG frames; the refiner gets the very tensors it loaded
-    for d, frame in enumerate(hippocampus_slices(size, num_slices)):
-        Image.fromarray(frame).save(tmp_path / f"{d:05d}.jpg", quality=95)
+    folder = tmp_path_factory.mktemp("frames")
+    for d, frame in enumerate(hippocampus_slices(size, NUM_SLICES)):
+        Image.fromarray(frame).save(folder / f"{d:05d}.jpg", quality=95)
+    return size, adapted, predictor, folder
+
+
+def propagate_like_the_video_predictor(video_case, boxes: dict[int, tuple]):
+    """(the video predictor's masks per slice, the refiner's in SAM 2's behaviour, the frames), with `boxes` on
+    their slices given before propagating, as a user of the video predictor gives them."""
+    size, adapted, predictor, folder = video_case
     with torch.inference_mode():
-        state = predictor.init_state(video_path=str(tmp_path))
-        predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, box=np.array(BOX))
-        expected = {d: masks[0, 0].clone() for d, _, masks in predictor.propagate_in_video(state)}
-    assert sorted(expected) == list(range(num_slices))
+        state = predictor.init_state(video_path=str(folder))
+        for d, box in boxes.items():
+            predictor.add_new_points_or_box(state, frame_idx=d, obj_id=1, box=np.array(box))
+        expected = {d: masks[0, 0].clone().float() for d, _, masks in predictor.propagate_in_video(state)}
+    assert sorted(expected) == list(range(NUM_SLICES))
+    # the refiner gets the very tensors the video predictor loaded
     frames = state["images"].clone()
-    prompts = one_object(size, box=BOX, num_slices=num_slices, unprompted=frozenset(range(1, num_slices)))
+    prompts = one_object(size, num_slices=NUM_SLICES, unprompted=frozenset(range(NUM_SLICES)) - set(boxes))
+    for d, box in boxes.items():
+        prompts.present[0, d], prompts.boxed[0, d] = True, True
+        prompts.boxes[0, d] = torch.tensor(box)
     ours = upsampled(refiner_slice_logits(adapted, frames, prompts, SAM2_BEHAVIOUR), size)
-    for d in range(num_slices):
-        torch.testing.assert_close(ours[d], expected[d].float(), **TOLERANCE, msg=f"slice {d}")
+    return expected, ours, frames, prompts
+
+
+def test_box_on_the_first_slice_propagates_like_the_video_predictor(video_case):
+    expected, ours, frames, prompts = propagate_like_the_video_predictor(video_case, {0: BOX})
+    for d in range(NUM_SLICES):
+        torch.testing.assert_close(ours[d], expected[d], **TOLERANCE, msg=f"slice {d}")
     assert (expected[0] < -1000).all() and (expected[1] > -1000).any()  # absent, then present from memory
     # the refiner's own rule (the box says the object is on slice 0) departs from this, as departures.py says
+    size, adapted = video_case[:2]
     departing = upsampled(refiner_slice_logits(adapted, frames, prompts, REFINER), size)
     assert not torch.allclose(departing[0], ours[0]) and not torch.allclose(departing[1], ours[1], **TOLERANCE)
+
+
+def test_boxes_on_two_slices_are_two_conditioning_frames_like_the_video_predictor(video_case):
+    """Prompts given on slices 0 and 3 before propagating: SAM 2 segments both from their prompts alone and every
+    other slice attends to both (the refiner's memory layout, which departs from this, is switched off)."""
+    later_box = (60.0, 70.0, 160.0, 180.0)
+    expected, ours, frames, prompts = propagate_like_the_video_predictor(video_case, {0: BOX, 3: later_box})
+    for d in range(NUM_SLICES):
+        torch.testing.assert_close(ours[d], expected[d], **TOLERANCE, msg=f"slice {d}")
+    size, adapted = video_case[:2]
+    layout_only = dataclasses.replace(SAM2_BEHAVIOUR, prompted_slices_use_memory=True)
+    departing = upsampled(refiner_slice_logits(adapted, frames, prompts, layout_only), size)
+    torch.testing.assert_close(departing[0], ours[0], **TOLERANCE)  # the first slice reads no memory either way
+    # the refiner's slice 3 reads the memories before it; SAM 2's slices 1 and 2 also attend to slice 3's
+    # conditioning frame (a small change with random weights, but a change)
+    with torch.no_grad():
+        features = encode_slices(adapted, frames, NUM_SLICES)
+        scores = [refine_slices(adapted, features, prompts, True, frames.shape[-2:], departures).object_scores[0, 3]
+                  for departures in (SAM2_BEHAVIOUR, layout_only)]
+    assert not torch.allclose(*scores, atol=1e-3)  # slice 3 itself (both score it absent: compare the scores)
+    assert not torch.equal(departing[1], ours[1]) and not torch.equal(departing[2], ours[2])

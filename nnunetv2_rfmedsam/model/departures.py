@@ -3,10 +3,7 @@
 Everything not named here runs as sam2 1.1.0 runs it: the refiner calls SAM 2's own `_track_step`,
 `_forward_sam_heads` and `_encode_new_memory`, with SAM 2's prompt layout (a box as its two corner points,
 then the clicks; only real points, so SAM 2's rule gives one or no point the three-mask output), its memory
-layout (the first prompted slice is the only conditioning frame; every later slice, prompted or not, is a
-non-conditioning frame, as SAM2VideoPredictor treats a correction on a tracked frame with its default
-`add_all_frames_to_correct_as_cond=False`, and as Meta's training treats its corrected frames), and in
-evaluation its predictor's bfloat16 memory storage. tests/test_fidelity.py holds the refiner to
+layout for frames without prompts, and in evaluation its predictor's bfloat16 memory storage. tests/test_fidelity.py holds the refiner to
 SAM2ImagePredictor and SAM2VideoPredictor with shared weights.
 
 The departures:
@@ -17,6 +14,14 @@ The departures:
   decide on every frame (False). On slices without prompts the head decides either way, as in the video
   predictor. Why: a stage-1 mask is the strongest evidence of presence there is, and a head that wrongly
   scores a prompted object absent would give a constant logit and no gradient to learn from.
+- `prompted_slices_use_memory`: a slice with prompts after the first is segmented from its prompts AND the
+  memory of the slices before it, and stored as a non-conditioning frame, as SAM2VideoPredictor treats a
+  correction on a frame it has already tracked (its default `add_all_frames_to_correct_as_cond=False`) and as
+  Meta's training treats its corrected frames. SAM2VideoPredictor given prompts on several frames before it
+  propagates makes each of them an initial conditioning frame instead: segmented from its prompts alone, before
+  the other frames, and attended by every frame (False). Why: stage 1 prompts every slice, and with every slice a
+  conditioning frame memory would neither help (no slice would read another's memory) nor stay bounded
+  (`max_cond_frames_in_attn` is -1: all conditioning frames are attended).
 - `mask_prompts_through_decoder`: a mask prompt (the stage-1 mask, or a pass's own result) goes through SAM 2's
   prompt encoder and mask decoder. SAM 2's packaged configs copy a mask prompt to the output unchanged
   (`use_mask_input_as_output_without_sam`: the video predictor takes a given mask as ground truth), which
@@ -35,12 +40,14 @@ from sam2.modeling.sam2_base import SAM2Base
 @dataclass(frozen=True)
 class Departures:
     presence_from_prompts: bool = True
+    prompted_slices_use_memory: bool = True
     mask_prompts_through_decoder: bool = True
 
 
 # what the refiner does by default, and SAM 2's own behaviour (for the fidelity tests)
 REFINER = Departures()
-SAM2_BEHAVIOUR = Departures(presence_from_prompts=False, mask_prompts_through_decoder=False)
+SAM2_BEHAVIOUR = Departures(presence_from_prompts=False, prompted_slices_use_memory=False,
+                            mask_prompts_through_decoder=False)
 
 
 @contextlib.contextmanager

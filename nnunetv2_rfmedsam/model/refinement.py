@@ -7,7 +7,8 @@ batch dimension (object n is batch item n // K, class n % K). The image encoder 
 With memory, slice 0 is the conditioning frame and each later slice is conditioned, through memory attention,
 on slice 0's memory and on the memories and object pointers of the slices before it, the way SAM 2's video
 predictor tracks; a later slice with prompts also gets them, as the video predictor treats a correction on a
-tracked frame (see departures.py for this layout and for every way the refiner differs from SAM 2). Without
+tracked frame (`Departures.prompted_slices_use_memory`; departures.py names every way the refiner differs
+from SAM 2). Without
 memory (an ablation) every slice is processed like an initial frame: `no_mem_embed` is added to its features
 and no memories are written.
 
@@ -214,20 +215,26 @@ def refine_slices(sam_model: SAM2Base, features: SliceFeatures, prompts: ObjectP
                   patch_hw: tuple[int, int], departures: Departures = REFINER) -> SliceLogits:
     """SAM 2's mask logits for every object on every slice, given the prompts (see the module docstring)."""
     num_slices = prompts.present.shape[1]
+    conditioning = [0]
+    if use_memory and not departures.prompted_slices_use_memory:
+        # SAM2VideoPredictor with prompts on several frames: each is an initial conditioning frame, segmented first
+        conditioning += [d for d in range(1, num_slices) if d not in prompts.unprompted]
+    order = conditioning + [d for d in range(num_slices) if d not in conditioning] if use_memory else range(num_slices)
     memory_bank = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-    low_res_per_slice, scores_per_slice, present_per_slice = [], [], []
-    for d in range(num_slices):
-        out = track_slice(sam_model, features, d, prompts, d, memory_bank, is_init_cond_frame=(d == 0 or not use_memory),
-                          write_memory=use_memory and d < num_slices - 1, departures=departures)
-        low_res_per_slice.append(out.low_res)
-        scores_per_slice.append(out.object_score)
-        present_per_slice.append(out.present)
+    outputs = {}
+    for step, d in enumerate(order):
+        out = track_slice(sam_model, features, d, prompts, d, memory_bank,
+                          is_init_cond_frame=(d in conditioning or not use_memory),
+                          write_memory=use_memory and step < num_slices - 1, departures=departures)
+        outputs[d] = out
         if out.memory is not None:
-            memory_bank["cond_frame_outputs" if d == 0 else "non_cond_frame_outputs"][d] = out.memory
+            memory_bank["cond_frame_outputs" if d in conditioning else "non_cond_frame_outputs"][d] = out.memory
 
-    low_res = torch.cat(low_res_per_slice, dim=1)  # (N, D, S/4, S/4)
+    low_res = torch.cat([outputs[d].low_res for d in range(num_slices)], dim=1)  # (N, D, S/4, S/4)
     patch = logits_to_grid(low_res, patch_hw)
     if departures.presence_from_prompts:
         # resampling a constant is only nearly constant in floating point: restore it exactly
-        patch = torch.where(torch.stack(present_per_slice, dim=1)[:, :, None, None], patch, ABSENT_LOGIT)
-    return SliceLogits(low_res=low_res, patch=patch, object_scores=torch.cat(scores_per_slice, dim=1))
+        present = torch.stack([outputs[d].present for d in range(num_slices)], dim=1)
+        patch = torch.where(present[:, :, None, None], patch, ABSENT_LOGIT)
+    return SliceLogits(low_res=low_res, patch=patch,
+                       object_scores=torch.cat([outputs[d].object_score for d in range(num_slices)], dim=1))
