@@ -176,9 +176,10 @@ def test_corrections_reuse_cached_features_and_unchanged_slices(session, case):
         assert min(computed) == 0 and d not in computed and d + 1 not in computed and computed[0] == d + 2
         second = class_logits(session)
         assert torch.equal(first[d:d + 2], second[d:d + 2])
-        # the corrected slice was prompted by its click and, as mask prompt, its previous result
+        # the corrected slice was prompted by its click alone (no padded box slot: SAM 2's one-click rule applies)
+        # and, as mask prompt, its previous result
         (coords, labels), masks = prompt_points[0]
-        assert labels.tolist() == [[NOT_A_POINT, NOT_A_POINT, POSITIVE_CLICK]] and masks is not None
+        assert labels.tolist() == [[POSITIVE_CLICK]] and masks is not None
 
         # a negative click beside the box reaches SAM 2 with the box
         session.add_points(CLASS, slice_index, [(y0, x0, 0)])
