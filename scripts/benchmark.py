@@ -2,15 +2,21 @@
 """Benchmark: RFMedSAM 2 against its nnU-Net baseline, in one run, on the same cases and machine.
 
 Measures, for every SAM 2 input size asked for:
-- prediction time per case with nnU-Net's own predictor (preprocessing, sliding window with the trainers'
-  test-time mirroring, export): stage 1 (= the nnU-Net baseline) and the cascade (stage 1 + stage 2);
+- prediction time per case with nnU-Net's own predictor (preprocessing, the trainers' default test-time
+  mirroring, export): stage 1 (= the nnU-Net baseline), stage 2 as it runs now (whole volumes, each slice
+  encoded once per mirror) and stage 2 through nnU-Net's sliding window (what it ran before), with the frames
+  SAM 2's image encoder saw per case and its share of the time; the cascade (stage 1 + stage 2) over stage 1;
 - one training step (forward, backward, optimizer) of stage 1 and of stage 2 at the planned patch and batch;
-- peak resident memory (RSS above the process's level before the phase) and, on CUDA, peak allocated VRAM.
-With `--ct D H W`, also the refiner alone on the real abdominal CT (12 organs, resampled to D x H x W),
-as the multi-organ case of the paper.
+- peak resident memory (RSS above the process's level before the phase) and, on CUDA, peak allocated VRAM;
+- peak memory of whole-volume refinement against the number of slices (`--depths`, a real hippocampus case
+  resampled along its slice axis): it must not grow beyond the volume's own arrays.
+With `--ct D H W`, also the refiner alone on the real abdominal CT (12 organs, resampled to D x H x W, 13
+classes), as the multi-organ case of the paper. With `--demo DIR` (after `make demo`), the demo's trained models
+on its held-back cases: time and Dice of stage 1, of the cascade on whole volumes and of the cascade through the
+sliding window. On CUDA, `--compile` adds torch.compile'd rows; SAM 2 runs in bfloat16 there.
 
-Networks have random weights: time and memory do not depend on the weights' values. Prints a table and
-writes JSON. This is a benchmark, not a test: figures vary with the machine and its load.
+Networks of the size rows have random weights: time and memory do not depend on the weights' values. Prints
+tables and writes JSON. This is a benchmark, not a test: figures vary with the machine and its load.
 """
 from __future__ import annotations
 
@@ -126,26 +132,162 @@ def make_predictor(network, plans_manager, configuration_manager, mirror_axes, t
     return predictor
 
 
+class EncoderMeter:
+    """Frames through SAM 2's image encoder and the time spent there, on one network."""
+
+    def __init__(self, network):
+        self.frames, self.seconds = 0, 0.0
+        forward_image = network.sam.forward_image
+
+        def metered(frames):
+            start = time.perf_counter()
+            out = forward_image(frames)
+            if frames.is_cuda:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - start
+            self.frames += frames.shape[0]
+            return out
+
+        network.sam.forward_image = metered
+
+
 def benchmark_prediction(raw: Path, cases: list[str], plans: dict, dataset_json: dict, device) -> dict:
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     stage1 = make_predictor(*build(plans, dataset_json, "3d_fullres", device), dataset_json, device)
-    stage2 = make_predictor(*build(plans, dataset_json, "3d_rfmedsam2", device), dataset_json, device)
-    times1, times2 = [], []
+    parts = build(plans, dataset_json, "3d_rfmedsam2", device)
+    network2, stage2 = parts[0], make_predictor(*parts, dataset_json, device)
+    meter = EncoderMeter(network2)
+    inputs = [SimpleITKIO().read_images([str(raw / "imagesTs" / f"{case}_0000.nii.gz")]) for case in cases]
+    entry, segmentations = {"cases": len(cases)}, []
     with PeakMemory(device) as memory:
-        for case in cases:
-            image, properties = SimpleITKIO().read_images([str(raw / "imagesTs" / f"{case}_0000.nii.gz")])
-            with timed(times1):
-                segmentation = stage1.predict_single_npy_array(image, properties, None, None, False)
-            with timed(times2):
-                stage2.predict_single_npy_array(image, properties, segmentation[None].astype(np.int16), None, False)
-            print(f"  {case} {tuple(image.shape[1:])}: stage 1 {times1[-1]:.2f} s, stage 2 {times2[-1]:.2f} s",
-                  flush=True)
-    cascade = [a + b for a, b in zip(times1, times2)]
-    return {"stage1_s_per_case": statistics.mean(times1), "stage2_s_per_case": statistics.mean(times2),
-            "cascade_s_per_case": statistics.mean(cascade),
-            "cascade_over_stage1": statistics.mean(cascade) / statistics.mean(times1),
-            "prediction_peak_rss_mb": memory.peak_rss / 2**20,
-            "prediction_peak_vram_mb": memory.peak_vram / 2**20 if memory.peak_vram else None}
+        times = []
+        for image, properties in inputs:
+            with timed(times):
+                segmentations.append(stage1.predict_single_npy_array(image, properties, None, None, False))
+    entry["stage1"] = {"s_per_case": statistics.mean(times), "peak_rss_mb": memory.peak_rss / 2**20,
+                       "peak_vram_mb": memory.peak_vram / 2**20 if memory.peak_vram else None}
+    for mode, whole in (("whole_volume", True), ("windowed", False)):
+        network2.predicts_whole_volumes = whole
+        meter.frames, meter.seconds, times = 0, 0.0, []
+        with PeakMemory(device) as memory:
+            for (image, properties), segmentation in zip(inputs, segmentations):
+                with timed(times):
+                    stage2.predict_single_npy_array(image, properties, segmentation[None].astype(np.int16), None,
+                                                    False)
+        entry[f"stage2_{mode}"] = {
+            "s_per_case": statistics.mean(times), "encoder_frames_per_case": meter.frames / len(cases),
+            "encoder_share": meter.seconds / sum(times), "peak_rss_mb": memory.peak_rss / 2**20,
+            "peak_vram_mb": memory.peak_vram / 2**20 if memory.peak_vram else None}
+        entry[f"cascade_{mode}_over_stage1"] = (entry["stage1"]["s_per_case"] + statistics.mean(times)) / \
+            entry["stage1"]["s_per_case"]
+        entry[f"stage2_{mode}_over_stage1"] = statistics.mean(times) / entry["stage1"]["s_per_case"]
+        print(f"  stage 2 {mode}: {statistics.mean(times):.2f} s per case, {meter.frames / len(cases):.0f} "
+              f"encoder frames per case", flush=True)
+    entry["slices_per_case"] = statistics.mean(image.shape[1] for image, _ in inputs)
+    network2.predicts_whole_volumes = True
+    return entry
+
+
+def benchmark_depth_memory(plans: dict, dataset_json: dict, depths: list[int], image_size: int, device) -> list:
+    """Peak memory of whole-volume refinement through nnU-Net's predictor (with its mirroring) on a real
+    hippocampus case resampled along its slice axis to each depth, each depth in a fresh process (peak RSS
+    after the network and the volume exist, above the level before predicting), against the size of the
+    volume's own arrays (input and logits; nnU-Net's mirroring holds about two inputs and three logits at once)."""
+    import multiprocessing
+    rows = []
+    with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+        for depth in depths:
+            row = pool.apply(_depth_memory_child, (plans, dataset_json, depth, image_size, str(device)))
+            rows.append(row)
+            print(f"  {depth} slices: {row['refine_s']:.1f} s, peak RSS +{row['peak_rss_mb']:.0f} MB", flush=True)
+    return rows
+
+
+def _depth_memory_child(plans: dict, dataset_json: dict, depth: int, image_size: int, device_name: str) -> dict:
+    import resource
+
+    import SimpleITK as sitk
+    import torch.nn.functional as F
+    device = torch.device(device_name)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count())
+    source = hippocampus_source()
+    case = list_cases(source)[0]
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "imagesTr" / f"{case}_0000.nii.gz"))).astype(np.float32)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "labelsTr" / f"{case}.nii.gz"))).astype(np.float32)
+    plans = json.loads(json.dumps(plans))
+    plans["configurations"]["3d_rfmedsam2"]["architecture"]["arch_kwargs"]["image_size"] = image_size
+    predictor = make_predictor(*build(plans, dataset_json, "3d_rfmedsam2", device), dataset_json, device)
+    shape = (depth, *image.shape[1:])
+    volume = F.interpolate(torch.from_numpy((image - image.mean()) / image.std())[None, None], size=shape,
+                           mode="trilinear")[0]
+    labels = F.interpolate(torch.from_numpy(label)[None, None], size=shape, mode="nearest")[0, 0]
+    data = torch.cat([volume, (labels == 1).float()[None], (labels == 2).float()[None]])
+    arrays = (2 * data.numel() + 3 * 3 * labels.numel()) * 4
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        vram_before = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    with torch.no_grad():
+        predictor.predict_sliding_window_return_logits(data)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"slices": depth, "shape": list(shape), "image_size": image_size, "refine_s": seconds,
+            "peak_rss_mb": (peak - before) / 2**20, "volume_arrays_mb": arrays / 2**20,
+            "peak_vram_mb": (torch.cuda.max_memory_allocated() - vram_before) / 2**20 if device.type == "cuda"
+            else None}
+
+
+def benchmark_trained_models(demo: Path, device) -> dict:
+    """The demo's trained stage 1 (fold all) and stage 2 (fold 0) on its held-back cases, with the trainers'
+    default test-time mirroring: seconds per case and Dice per class of stage 1, the cascade on whole volumes
+    and the cascade through nnU-Net's sliding window (tile step 0.5)."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2_rfmedsam.evaluation.metrics import dice_score
+    from nnunetv2_rfmedsam.registration import EXT_TRAINER_FOLDER
+    from nnunetv2_rfmedsam.model.network import RFMedSAM2Network
+    os.environ["nnUNet_extTrainer"] = EXT_TRAINER_FOLDER
+    raw, results = demo / "nnUNet_raw" / DATASET_NAME, demo / "nnUNet_results" / DATASET_NAME
+
+    def predictor(folder: str, fold: str):
+        made = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=device, allow_tqdm=False,
+                               perform_everything_on_device=device.type == "cuda")
+        made.initialize_from_trained_model_folder(str(results / folder), (fold,), "checkpoint_final.pth")
+        return made
+
+    stage1 = predictor(f"nnUNetTrainerRFPrompt__{PLANS}__3d_fullres", "all")
+    stage2 = predictor(f"nnUNetTrainerRFMedSAM2__{PLANS}__3d_rfmedsam2", "0")
+    refiner = stage2.network._orig_mod if hasattr(stage2.network, "_orig_mod") else stage2.network
+    assert isinstance(refiner, RFMedSAM2Network)
+    cases = sorted(f.name[:-len(".nii.gz")] for f in (raw / "labelsTs").glob("*.nii.gz"))
+    methods = ("stage1", "cascade_whole_volume", "cascade_windowed")
+    times = {m: [] for m in methods}
+    dice = {m: {1: [], 2: []} for m in methods}
+    for case in cases:
+        image, properties = SimpleITKIO().read_images([str(raw / "imagesTs" / f"{case}_0000.nii.gz")])
+        reference, _ = SimpleITKIO().read_seg(str(raw / "labelsTs" / f"{case}.nii.gz"))
+        with timed(times["stage1"]):
+            segmentation = stage1.predict_single_npy_array(image, properties, None, None, False)
+        outputs = {"stage1": segmentation}
+        for method, whole in (("cascade_whole_volume", True), ("cascade_windowed", False)):
+            refiner.predicts_whole_volumes = whole
+            with timed(times[method]):
+                outputs[method] = stage2.predict_single_npy_array(image, properties,
+                                                                  segmentation[None].astype(np.int16), None, False)
+        for method, output in outputs.items():
+            for label in (1, 2):
+                dice[method][label].append(dice_score(reference[0] == label, output == label))
+        print(f"  {case}: " + ", ".join(f"{m} {times[m][-1]:.1f} s" for m in methods), flush=True)
+    refiner.predicts_whole_volumes = True
+    summary = {m: {"s_per_case": statistics.mean(times[m]),
+                   "dice": {str(k): statistics.mean(v) for k, v in dice[m].items()},
+                   "mean_dice": statistics.mean(statistics.mean(v) for v in dice[m].values())} for m in methods}
+    summary["cases"] = cases
+    summary["stage2_whole_over_windowed"] = summary["cascade_whole_volume"]["s_per_case"] / \
+        summary["cascade_windowed"]["s_per_case"]
+    return summary
 
 
 def training_batch(plans_manager, configuration_manager, dataset_json, device, cascaded: bool):
@@ -202,8 +344,9 @@ def benchmark_training_step(plans: dict, dataset_json: dict, configuration: str,
             "peak_vram_mb": memory.peak_vram / 2**20 if memory.peak_vram else None}
 
 
-def benchmark_ct(plans: dict, dataset_json: dict, shape: list[int], image_size: int, device) -> dict:
-    """The refiner alone (sliding window + mirroring over a preprocessed volume) on the real abdominal CT."""
+def benchmark_ct(plans: dict, dataset_json: dict, shape: list[int], image_size: int, device,
+                 compile_network: bool = False) -> dict:
+    """The refiner alone (whole volume, the trainer's mirroring) on the real abdominal CT, 13 classes."""
     import SimpleITK as sitk
     import torch.nn.functional as F
     ct = sitk.GetArrayFromImage(sitk.ReadImage(str(ABDOMEN_CT / "ct.nii.gz"))).astype(np.float32)
@@ -216,25 +359,76 @@ def benchmark_ct(plans: dict, dataset_json: dict, shape: list[int], image_size: 
     configuration["patch_size"] = [configuration["patch_size"][0], shape[1], shape[2]]
     configuration["architecture"]["arch_kwargs"]["image_size"] = image_size
     dataset_json = dict(dataset_json, labels={"background": 0, **{f"organ{k}": k for k in range(1, num_organs + 1)}})
-    predictor = make_predictor(*build(plans, dataset_json, "3d_rfmedsam2", device), dataset_json, device)
+    parts = list(build(plans, dataset_json, "3d_rfmedsam2", device))
+    meter = EncoderMeter(parts[0])
+    if compile_network:
+        parts[0] = torch.compile(parts[0])
+    predictor = make_predictor(*parts, dataset_json, device)
     data = torch.cat([ct] + [(organs == k).float()[None] for k in range(1, num_organs + 1)])
     times = []
     with PeakMemory(device) as memory, timed(times), torch.no_grad():
         predictor.predict_sliding_window_return_logits(data)
     return {"shape": shape, "organs_present": int(len(np.unique(organs.numpy())) - 1), "classes": num_organs,
-            "image_size": image_size, "refine_s": times[0], "peak_rss_mb": memory.peak_rss / 2**20,
+            "image_size": image_size, "compiled": compile_network, "refine_s": times[0],
+            "encoder_frames": meter.frames, "encoder_share": meter.seconds / times[0],
+            "peak_rss_mb": memory.peak_rss / 2**20,
             "peak_vram_mb": memory.peak_vram / 2**20 if memory.peak_vram else None}
+
+
+def mb(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def print_tables(results: dict) -> None:
+    print(f"\n{results['machine']}")
+    print("\nprediction, nnU-Net's predictor with the trainers' default test-time mirroring (random weights)")
+    print(f"{'size':>5} {'stage1 s':>9} {'stage2 s':>9} {'windowed s':>11} {'cascade/st1':>12} {'windowed':>9} "
+          f"{'enc frames':>11} {'windowed':>9} {'enc share':>10} {'RSS MB':>7} {'VRAM MB':>8}")
+    for size, e in results["sizes"].items():
+        whole, windowed = e["stage2_whole_volume"], e["stage2_windowed"]
+        print(f"{size:>5} {e['stage1']['s_per_case']:9.2f} {whole['s_per_case']:9.2f} {windowed['s_per_case']:11.2f} "
+              f"{e['cascade_whole_volume_over_stage1']:12.2f} {e['cascade_windowed_over_stage1']:9.2f} "
+              f"{whole['encoder_frames_per_case']:11.0f} {windowed['encoder_frames_per_case']:9.0f} "
+              f"{whole['encoder_share']:10.2f} {whole['peak_rss_mb']:7.0f} {mb(whole['peak_vram_mb']):>8}")
+    print(f"(slices per case: {next(iter(results['sizes'].values()))['slices_per_case']:.1f}; cascade = stage 1 + "
+          f"stage 2; enc frames: SAM 2 image-encoder frames per case)")
+    print("\ntraining step at the planned patch and batch")
+    for size, e in results["sizes"].items():
+        print(f"{size:>5} stage 1 {e['train_stage1']['step_s']:.2f} s, stage 2 {e['train_stage2']['step_s']:.2f} s "
+              f"(x{e['train_step_stage2_over_stage1']:.1f}), stage 2 peak RSS {e['train_stage2']['peak_rss_mb']:.0f} MB"
+              f", VRAM {mb(e['train_stage2']['peak_vram_mb'])} MB")
+    if results.get("depths"):
+        print("\nwhole-volume refinement against the number of slices (peak above the process's level)")
+        for e in results["depths"]:
+            print(f"  {e['slices']:>4} slices {e['shape']}: {e['refine_s']:.1f} s, peak RSS {e['peak_rss_mb']:.0f} MB "
+                  f"(volume arrays {e['volume_arrays_mb']:.0f} MB), VRAM {mb(e['peak_vram_mb'])} MB")
+    for e in results.get("ct", []):
+        print(f"CT {e['shape']} ({e['classes']} classes, {e['organs_present']} present) at {e['image_size']}"
+              f"{' compiled' if e['compiled'] else ''}: refined in {e['refine_s']:.1f} s, "
+              f"{e['encoder_frames']} encoder frames ({e['encoder_share']:.0%} of the time), peak RSS "
+              f"{e['peak_rss_mb']:.0f} MB, VRAM {mb(e['peak_vram_mb'])} MB")
+    if results.get("demo"):
+        d = results["demo"]
+        print(f"\nthe demo's trained models, {len(d['cases'])} held-back cases, default test-time mirroring")
+        for method in ("stage1", "cascade_whole_volume", "cascade_windowed"):
+            print(f"  {method:<22} {d[method]['s_per_case']:6.2f} s per case, Dice "
+                  f"{' / '.join(f'{v:.4f}' for v in d[method]['dice'].values())} (mean {d[method]['mean_dice']:.4f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=3, help="held-back hippocampus cases to predict (default 3)")
-    parser.add_argument("--image-sizes", type=int, nargs="+", default=[224, 448],
-                        help="SAM 2 input sizes to measure (default 224 448, which pad no Hiera window; the "
+    parser.add_argument("--image-sizes", type=int, nargs="+", default=[224],
+                        help="SAM 2 input sizes to measure (default 224, which pads no Hiera window; the "
                              "planned default is 1024)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up)")
+    parser.add_argument("--depths", type=int, nargs="*", default=[50, 200],
+                        help="slice counts for the memory-against-depth rows (default 50 200; none to skip)")
     parser.add_argument("--ct", type=int, nargs=3, metavar=("D", "H", "W"),
                         help="also refine the abdominal CT resampled to D H W (e.g. 100 512 512)")
+    parser.add_argument("--ct-image-sizes", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--demo", type=Path, help="the demo's workspace (make demo): time and Dice of its models")
+    parser.add_argument("--compile", action="store_true", help="CUDA: also measure torch.compile'd CT rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("-o", type=Path, default=REPO / "benchmark_output" / "benchmark.json")
     args = parser.parse_args()
@@ -259,24 +453,20 @@ def main() -> None:
             entry["train_stage2"] = benchmark_training_step(plans, dataset_json, "3d_rfmedsam2", device, args.steps)
             entry["train_step_stage2_over_stage1"] = entry["train_stage2"]["step_s"] / entry["train_stage1"]["step_s"]
             results["sizes"][str(size)] = entry
+        if args.depths:
+            print(f"memory against depth at input size {args.image_sizes[0]}", flush=True)
+            results["depths"] = benchmark_depth_memory(base_plans, dataset_json, args.depths, args.image_sizes[0],
+                                                       device)
         if args.ct:
-            for size in args.image_sizes:
-                print(f"abdominal CT {args.ct} at input size {size}", flush=True)
-                results.setdefault("ct", []).append(benchmark_ct(base_plans, dataset_json, args.ct, size, device))
-
-    print(f"\n{results['machine']}")
-    print(f"{'size':>5} {'stage1 s/case':>14} {'cascade s/case':>15} {'ratio':>6} {'train s/step 1|2':>17} "
-          f"{'ratio':>6} {'pred RSS MB':>11} {'train2 RSS MB':>13} {'pred VRAM MB':>12}")
-    for size, e in results["sizes"].items():
-        vram = f"{e['prediction_peak_vram_mb']:.0f}" if e["prediction_peak_vram_mb"] else "-"
-        print(f"{size:>5} {e['stage1_s_per_case']:14.2f} {e['cascade_s_per_case']:15.2f} {e['cascade_over_stage1']:6.1f} "
-              f"{e['train_stage1']['step_s']:8.2f}|{e['train_stage2']['step_s']:<8.2f} "
-              f"{e['train_step_stage2_over_stage1']:6.1f} {e['prediction_peak_rss_mb']:11.0f} "
-              f"{e['train_stage2']['peak_rss_mb']:13.0f} {vram:>12}")
-    for e in results.get("ct", []):
-        print(f"CT {e['shape']} ({e['classes']} classes, {e['organs_present']} present) at {e['image_size']}: "
-              f"refined in {e['refine_s']:.1f} s, peak RSS {e['peak_rss_mb']:.0f} MB"
-              + (f", peak VRAM {e['peak_vram_mb']:.0f} MB" if e["peak_vram_mb"] else ""))
+            for size in args.ct_image_sizes:
+                for compiled in ([False, True] if args.compile and device.type == "cuda" else [False]):
+                    print(f"abdominal CT {args.ct} at input size {size}{' compiled' if compiled else ''}", flush=True)
+                    results.setdefault("ct", []).append(benchmark_ct(base_plans, dataset_json, args.ct, size, device,
+                                                                     compiled))
+    if args.demo:
+        print(f"the demo's trained models ({args.demo})", flush=True)
+        results["demo"] = benchmark_trained_models(args.demo.resolve(), device)
+    print_tables(results)
     args.o.parent.mkdir(parents=True, exist_ok=True)
     temporary = args.o.with_suffix(".tmp")
     temporary.write_text(json.dumps(results, indent=1))

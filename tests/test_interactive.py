@@ -29,6 +29,7 @@ from nnunetv2_rfmedsam.interactive.click_simulation import next_click, start_box
 from nnunetv2_rfmedsam.model.error_clicks import sample_error_clicks
 from nnunetv2_rfmedsam.model.network import RFMedSAM2Network
 from nnunetv2_rfmedsam.model.prompts import NEGATIVE_CLICK, NOT_A_POINT, POSITIVE_CLICK
+from nnunetv2_rfmedsam.model.refinement import SliceWalk
 from nnunetv2_rfmedsam.settings import SAM2Settings, SettingsError
 from nnunetv2_rfmedsam.trainers.passes_loss import RefinementPassesLoss
 from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import nnUNetTrainerRFMedSAM2
@@ -433,21 +434,31 @@ def synthetic_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def second_pass_point_labels(network: RFMedSAM2Network, x: torch.Tensor, target=None) -> list[list[int]]:
     """The point labels SAM 2 gets on each slice of the second pass (one row per object)."""
-    calls = []
+    calls, stepping, original_step = [], [None], SliceWalk.step
     original = network.sam._track_step
+
+    def step(walk, *args, **kwargs):  # one walk per pass; the first one to step is pass 1's
+        stepping[0] = walk
+        return original_step(walk, *args, **kwargs)
 
     def recording(*args, **kwargs):
         points = kwargs["point_inputs"]  # None on the slices training leaves unprompted in pass 1
-        calls.append(None if points is None else points["point_labels"])
+        calls.append((stepping[0], None if points is None else points["point_labels"]))
         return original(*args, **kwargs)
 
     network.sam._track_step = recording
     if target is not None:
         network.set_click_targets(target)
-    with torch.no_grad():
-        network(x)
-    del network.sam._track_step
-    return [labels.tolist() for labels in calls[x.shape[2]:]]
+    SliceWalk.step = step
+    try:
+        with torch.no_grad():
+            network(x)
+    finally:
+        SliceWalk.step = original_step
+        del network.sam._track_step
+    walks = list(dict.fromkeys(walk for walk, _ in calls))
+    assert len(walks) == 2, "expected SAM 2 steps of two passes"
+    return [labels.tolist() for walk, labels in calls if walk is walks[1]]
 
 
 def test_second_pass_gets_clicks_at_first_pass_errors_in_training_only():

@@ -357,11 +357,12 @@ def test_training_segments_unprompted_slices_from_memory(loaded_network):
 
     network.sam._track_step = recording
     outputs = network(synthetic_patch()).passes
+    # both passes on a slice before the next slice; pass 2 is prompted everywhere
     assert [(d, unprompted) for d, unprompted, _ in calls] == \
-        [(0, False), (1, False), (2, True), (3, True)] + [(d, False) for d in range(4)]  # pass 2: all prompted
+        [(0, False), (0, False), (1, False), (1, False), (2, True), (2, False), (3, True), (3, False)]
     for d in (2, 3):
         # SAM 2's object score decides presence where there is no prompt, not the stage-1 mask
-        visible = calls[d][2] > 0
+        visible = calls[2 * d][2] > 0
         first_pass = outputs[0][:, 1:, d].reshape(-1, 20, 24)
         assert torch.equal((first_pass == ABSENT_LOGIT).flatten(1).all(dim=1), ~visible)
     # the unprompted slices are trained: their loss reaches the adapters

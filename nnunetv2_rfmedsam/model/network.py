@@ -31,17 +31,22 @@ from nnunetv2_rfmedsam.model.adapters import freeze_for_finetuning, inject_adapt
 from nnunetv2_rfmedsam.model.error_clicks import add_error_clicks
 from nnunetv2_rfmedsam.model.frames import ZSCORE_WINDOW, slices_to_sam_frames
 from nnunetv2_rfmedsam.model.departures import REFINER
-from nnunetv2_rfmedsam.model.prompts import (MASK_PROMPT_STRIDE, drop_training_prompts, masks_to_prompt_logits,
-                                             prompts_from_masks)
-from nnunetv2_rfmedsam.model.refinement import encode_slices, refine_slices
+from nnunetv2_rfmedsam.model.prompts import (MASK_PROMPT_STRIDE, ObjectPrompts, drop_training_prompts,
+                                             masks_to_prompt_logits, prompts_from_masks)
+from nnunetv2_rfmedsam.model.refinement import (ABSENT_LOGIT, ABSENT_SCORE, SliceOutput, SliceWalk, encode_slices,
+                                                logits_to_grid)
 from nnunetv2_rfmedsam.model.sam2_checkpoint import load_sam2_checkpoint
 from nnunetv2_rfmedsam.model.sam2_model import build_sam2_model
+from nnunetv2_rfmedsam import whole_volume_prediction
 from nnunetv2_rfmedsam.settings import SAM2Settings
 
 BACKGROUND_LOGIT = 0.0
 # the logit of a stage-1 mask where the refinement starts: foreground +10, background -10 against the constant
 # background logit 0 (SAM 2's own scale for masks given as logits, `_use_mask_as_output`)
 PROMPT_LOGIT = 10.0
+# slices whose image features are computed together in prediction: a few for the encoder's batch efficiency
+# on a GPU, never a volume's worth
+SLICES_PER_ENCODER_CALL = 4
 
 
 @dataclass
@@ -85,6 +90,12 @@ class RFMedSAM2Network(nn.Module):
             raise ValueError(f"intensity_windows: {len(self.intensity_windows)} window(s) for {self.image_channels} "
                              f"image channel(s)")
         self._click_targets: torch.Tensor | None = None
+        # nnU-Net's predictor hands this network whole volumes (whole_volume_prediction.py); False: nnU-Net's
+        # sliding windows, as for any network
+        self.predicts_whole_volumes = True
+        # called with 1 after each slice of a forward in prediction (whole_volume_prediction.py's progress bar)
+        self.slice_progress = None
+        whole_volume_prediction.install()
 
     def sam_frames(self, image: torch.Tensor) -> torch.Tensor:
         """Image channels (B, C, D, H, W) in nnU-Net's normalised units -> SAM 2 frames (frames.py)."""
@@ -113,7 +124,7 @@ class RFMedSAM2Network(nn.Module):
             return_all_passes = self.training
         precision = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
         with precision:
-            passes = self._refine(x)
+            passes = self._refine(x, return_all_passes)
         return passes if return_all_passes else passes.passes[-1]
 
     def _object_click_targets(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -126,35 +137,98 @@ class RFMedSAM2Network(nn.Module):
         per_class = torch.stack([labels == k + 1 for k in range(self.num_foreground_classes)], dim=1)
         return per_class.reshape(-1, *per_class.shape[2:])
 
-    def _refine(self, x: torch.Tensor) -> TrainingOutput:
+    def _objects_to_track(self, objects: torch.Tensor) -> torch.Tensor:
+        """Indices of the objects (N, D, H, W) SAM 2 has to track. In prediction (one image, presence from
+        prompts), an object absent from every slice's stage-1 mask is absent from every result, so it costs
+        nothing; that holds while its gates keep an absent prompt absent (gate > -1: the logit is
+        -PROMPT_LOGIT + gate * (ABSENT_LOGIT + PROMPT_LOGIT) < 0)."""
+        every = torch.arange(objects.shape[0], device=objects.device)
+        if self.training or objects.shape[0] != self.num_foreground_classes or \
+                not self.departures.presence_from_prompts:
+            return every
+        needed = objects.flatten(1).any(dim=1)
+        if self.prompt_gates is not None:
+            needed |= ~(self.prompt_gates > -1).all(dim=0)
+        return every[needed]
+
+    def _refine(self, x: torch.Tensor, keep_all_passes: bool = True) -> TrainingOutput:
+        """The refinement passes, slice by slice: every pass tracks slice d (SliceWalk) before any pass moves
+        on, so each slice's image features are computed once and serve every pass. In training the patch's
+        slices are encoded together; in prediction SLICES_PER_ENCODER_CALL at a time, so a volume's features
+        never exist at once and memory grows with one slice and the memory bank, not with the volume."""
         batch, _, depth, height, width = x.shape
-        size = self.settings.image_size
+        size, passes = self.settings.image_size, self.settings.refinement_passes
         click_targets = self._object_click_targets(x)
-        features = encode_slices(self.sam, self.sam_frames(x[:, :self.image_channels]), depth)
-        # one object per (batch item, class): (B, K, D, H, W) -> (N, D, H, W)
         stage1 = x[:, self.image_channels:]
-        prompts = prompts_from_masks(stage1.reshape(-1, depth, height, width), size,
+        objects = stage1.reshape(-1, depth, height, width)  # one object per (batch item, class)
+        tracked = self._objects_to_track(objects)
+        all_tracked = len(tracked) == objects.shape[0]
+        predicting = not self.training
+        first_prompts = None
+        if self.training:
+            first_prompts = self._first_pass_prompts(objects)
+        walks = [SliceWalk(self.sam, depth, self.settings.use_memory, self.departures,
+                           first_prompts.unprompted if first_prompts is not None else frozenset(),
+                           skip_absent=predicting) for _ in range(passes)]
+        chunk = SLICES_PER_ENCODER_CALL if predicting and walks[0].in_slice_order else depth
+        kept = range(passes) if keep_all_passes else [passes - 1]
+        logits = {p: x.new_empty((batch, self.num_foreground_classes + 1, depth, height, width), dtype=torch.float32)
+                  for p in kept}
+        scores = [x.new_full((objects.shape[0], depth), ABSENT_SCORE, dtype=torch.float32) for _ in range(passes)]
+        features, chunk_start = None, None
+        for step, d in enumerate(walks[0].order):
+            if len(tracked) and (features is None or not chunk_start <= d < chunk_start + chunk):
+                chunk_start = 0 if chunk == depth else d
+                stop = min(depth, chunk_start + chunk)
+                features = None  # the previous chunk's features go before the next ones come
+                features = encode_slices(self.sam, self.sam_frames(x[:, :self.image_channels, chunk_start:stop]),
+                                         stop - chunk_start)
+                if first_prompts is None or chunk != depth:
+                    first_prompts = self._first_pass_prompts(objects[tracked, chunk_start:stop])
+            prompts, prompt_slice = first_prompts, d - (chunk_start or 0)
+            for refinement_pass, walk in enumerate(walks):
+                sam_logits = torch.full((objects.shape[0], 1, height, width), ABSENT_LOGIT, device=x.device)
+                if len(tracked):
+                    out = walk.step(step, features, d - chunk_start, prompts, prompt_slice)
+                    grid = logits_to_grid(out.low_res, (height, width))
+                    if self.departures.presence_from_prompts:
+                        # resampling a constant is only nearly constant in floating point: restore it exactly
+                        grid = torch.where(out.present[:, None, None, None], grid, ABSENT_LOGIT)
+                    sam_logits = grid if all_tracked else sam_logits.index_copy(0, tracked, grid.to(sam_logits.dtype))
+                    scores[refinement_pass][tracked, d] = out.object_score[:, 0]
+                slice_logits = self._class_logits(sam_logits, stage1[:, :, d:d + 1], refinement_pass)
+                if refinement_pass in logits:
+                    logits[refinement_pass][:, :, d:d + 1] = slice_logits
+                if refinement_pass + 1 < passes and len(tracked):
+                    prompts = self._next_pass_prompts(slice_logits, out, tracked, click_targets, d)
+                    prompt_slice = 0
+            if predicting and self.slice_progress is not None:
+                self.slice_progress(1)
+        return TrainingOutput([logits[p] for p in kept],
+                              [scores[p].reshape(batch, self.num_foreground_classes, depth) for p in kept])
+
+    def _first_pass_prompts(self, objects: torch.Tensor) -> ObjectPrompts:
+        """Boxes and masks from the stage-1 masks (N, D, H, W); in training jittered and made sparser."""
+        prompts = prompts_from_masks(objects, self.settings.image_size,
                                      jitter=self.settings.box_jitter if self.training else 0.0)
         if self.training and self.settings.use_memory and self.settings.training_prompt_dropout > 0:
             prompts = drop_training_prompts(prompts, self.settings.training_prompt_dropout)
-        outputs = TrainingOutput([], [])
-        for refinement_pass in range(self.settings.refinement_passes):
-            result = refine_slices(self.sam, features, prompts, self.settings.use_memory, (height, width),
-                                   self.departures)
-            logits = self._class_logits(result.patch, stage1, refinement_pass)
-            outputs.passes.append(logits)
-            outputs.object_scores.append(result.object_scores.reshape(batch, self.num_foreground_classes, depth))
-            if refinement_pass + 1 < self.settings.refinement_passes:
-                # the next pass is prompted by this pass's result, as a prompt: no gradient through it
-                predicted = logits[:, 1:].detach().reshape(-1, depth, height, width) > BACKGROUND_LOGIT
-                # SAM 2's own logits are its mask prompt (as Meta feeds them back), unless the result is the gated
-                # mix, whose mask then prompts like a stage-1 mask
-                mask_logits = masks_to_prompt_logits(predicted, size // MASK_PROMPT_STRIDE) \
-                    if self.prompt_gates is not None else result.low_res.detach()
-                prompts = prompts_from_masks(predicted, size, mask_logits=mask_logits)
-                if click_targets is not None:
-                    prompts = add_error_clicks(prompts, predicted, click_targets, size)
-        return outputs
+        return prompts
+
+    def _next_pass_prompts(self, slice_logits: torch.Tensor, out: SliceOutput, tracked: torch.Tensor,
+                           click_targets: torch.Tensor | None, d: int) -> ObjectPrompts:
+        """The next pass's prompts on slice d, from this pass's result there (no gradient through a prompt)."""
+        size = self.settings.image_size
+        height, width = slice_logits.shape[-2:]
+        predicted = slice_logits[:, 1:].detach().reshape(-1, 1, height, width)[tracked] > BACKGROUND_LOGIT
+        # SAM 2's own logits are its mask prompt (as Meta feeds them back), unless the result is the gated mix,
+        # whose mask then prompts like a stage-1 mask
+        mask_logits = masks_to_prompt_logits(predicted, size // MASK_PROMPT_STRIDE) \
+            if self.prompt_gates is not None else out.low_res.detach()
+        prompts = prompts_from_masks(predicted, size, mask_logits=mask_logits)
+        if click_targets is not None:
+            prompts = add_error_clicks(prompts, predicted, click_targets[tracked, d:d + 1], size)
+        return prompts
 
     def _class_logits(self, sam_logits: torch.Tensor, stage1: torch.Tensor, refinement_pass: int) -> torch.Tensor:
         """SAM 2's per-object logits (N, D, H, W) -> class logits (B, K + 1, D, H, W), gated with the stage-1

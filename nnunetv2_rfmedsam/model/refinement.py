@@ -60,13 +60,27 @@ class SliceFeatures:
     feat_sizes: list[tuple[int, int]]
     num_slices: int
 
+    @property
+    def batch_size(self) -> int:
+        return self.vision_feats[0].shape[1] // self.num_slices
+
+    def image_of(self, num_objects: int) -> torch.Tensor:
+        """(N,) the batch item each of N objects belongs to (object n is batch item n // K)."""
+        return torch.arange(self.batch_size, device=self.vision_feats[0].device).repeat_interleave(
+            num_objects // self.batch_size)
+
     def for_objects(self, slice_index: int, num_objects: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The features of one slice, repeated for each of the N objects (N a multiple of B)."""
-        batch_size = self.vision_feats[0].shape[1] // self.num_slices
-        per_image = num_objects // batch_size
-        images = torch.arange(batch_size, device=self.vision_feats[0].device).repeat_interleave(per_image)
-        images = images * self.num_slices + slice_index
-        return [x[:, images] for x in self.vision_feats], [x[:, images] for x in self.vision_pos_embeds]
+        if self.batch_size == 1:
+            # one image for every object (prediction): views, as SAM2VideoPredictor expands its cached features
+            def pick(x):
+                return x[:, slice_index:slice_index + 1].expand(-1, num_objects, -1)
+        else:
+            images = self.image_of(num_objects) * self.num_slices + slice_index
+
+            def pick(x):
+                return x[:, images]
+        return [pick(x) for x in self.vision_feats], [pick(x) for x in self.vision_pos_embeds]
 
 
 def encode_slices(sam_model: SAM2Base, frames: torch.Tensor, num_slices: int) -> SliceFeatures:
@@ -109,16 +123,19 @@ class _Group(NamedTuple):
     prompted: bool
 
 
-def _prompt_groups(prompts: ObjectPrompts, s: int, departures: Departures) -> list[_Group]:
+def _prompt_groups(prompts: ObjectPrompts, s: int, departures: Departures,
+                   skip_absent: bool = False) -> tuple[list[_Group], list[int]]:
     """The objects of prompt slice `s` grouped by prompt layout, each with SAM 2's inputs holding only real
-    points (a box's two corners first, then the clicks), as SAM2ImagePredictor and SAM2VideoPredictor give them.
+    points (a box's two corners first, then the clicks), as SAM2ImagePredictor and SAM2VideoPredictor give them;
+    and the objects skipped.
 
-    With presence from prompts, the outputs of absent objects are replaced anyway: they ride along in the
-    largest group, padded with NOT_A_POINT, rather than costing a SAM 2 call of their own."""
+    With presence from prompts, the outputs of objects absent by their prompts are replaced anyway: they ride
+    along in the largest group, padded with NOT_A_POINT, rather than costing a SAM 2 call of their own (training
+    needs their object scores for the presence loss), or with `skip_absent` they are skipped."""
     num_objects = prompts.present.shape[0]
     device = prompts.present.device
     if s in prompts.unprompted:
-        return [_Group(torch.arange(num_objects, device=device), None, None, False)]
+        return [_Group(torch.arange(num_objects, device=device), None, None, False)], []
     coords, labels = prompts.slice_points(s)
     # real points first, in their order: a stable sort on "is padding"
     order = torch.argsort((labels == NOT_A_POINT).to(torch.int8), dim=1, stable=True)
@@ -132,11 +149,12 @@ def _prompt_groups(prompts: ObjectPrompts, s: int, departures: Departures) -> li
         if not dont_care[n]:
             layouts.setdefault((counts[n], masks is not None and counts[n] > 0), []).append(n)
     riders = [n for n in range(num_objects) if dont_care[n]]
-    if riders:
+    if riders and not skip_absent:
         if layouts:
             max(layouts.values(), key=len).extend(riders)
         else:
             layouts[(max(counts), masks is not None)] = riders
+        riders = []
     groups = []
     for (count, with_mask), members in layouts.items():
         index = torch.tensor(sorted(members), device=device)
@@ -144,7 +162,7 @@ def _prompt_groups(prompts: ObjectPrompts, s: int, departures: Departures) -> li
                                                 "point_labels": labels[index, :count].to(torch.int32)}
         groups.append(_Group(index, point_inputs, masks[index] if with_mask else None,
                              point_inputs is not None or with_mask))
-    return groups
+    return groups, riders
 
 
 def _objects_of(memory_bank: dict, index: torch.Tensor) -> dict:
@@ -155,81 +173,174 @@ def _objects_of(memory_bank: dict, index: torch.Tensor) -> dict:
             for kind, frames in memory_bank.items()}
 
 
+class MemoryBank:
+    """The memories one walk through the slices has written, as SAM 2's `output_dict`
+    ({"cond_frame_outputs": {t: out}, "non_cond_frame_outputs": {t: out}}), holding only what SAM 2 can still
+    read: every conditioning frame, and the non-conditioning frames within `reach` of the slice last written
+    (SAM 2 reads the last `num_maskmem - 1` memories, strided in evaluation, and the last
+    `max_obj_ptrs_in_encoder - 1` object pointers). A walk moves one slice at a time, so a volume's memory grows
+    with that reach, not with its number of slices."""
+
+    def __init__(self, sam_model: SAM2Base):
+        stride = max(1, int(sam_model.memory_temporal_stride_for_eval))
+        self.reach = max(sam_model.num_maskmem * stride, sam_model.max_obj_ptrs_in_encoder)
+        self.output_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+
+    def add(self, frame: int, memory: dict, conditioning: bool) -> None:
+        if conditioning:
+            self.output_dict["cond_frame_outputs"][frame] = memory
+            return
+        frames = self.output_dict["non_cond_frame_outputs"]
+        frames[frame] = memory
+        for t in [t for t in frames if abs(t - frame) > self.reach]:
+            del frames[t]
+
+
+def _absent_memory(sam_model: SAM2Base, vision_feats: list[torch.Tensor], feat_sizes, count: int) -> dict:
+    """The memory of `count` objects that SAM 2 would remember as absent on this slice (mask NO_OBJ_SCORE,
+    negative object score, `no_obj_ptr`), all reading the same image (the features' first object). It depends on
+    the image alone, so it is encoded once and shared."""
+    image = [x[:, :1] for x in vision_feats]
+    size = sam_model.image_size
+    memory = {"obj_ptr": sam_model.no_obj_ptr.expand(count, -1)}
+    sam_model._encode_memory_in_output(image, feat_sizes, None, True,
+                                       torch.full((1, 1, size, size), NO_OBJ_SCORE, device=image[0].device),
+                                       torch.full((1, 1), ABSENT_SCORE, device=image[0].device), memory)
+    memory["maskmem_features"] = memory["maskmem_features"].expand(count, -1, -1, -1)
+    memory["maskmem_pos_enc"] = [p.expand(count, -1, -1, -1) for p in memory["maskmem_pos_enc"]]
+    return memory
+
+
 def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int, prompts: ObjectPrompts,
-                prompt_slice: int, memory_bank: dict, is_init_cond_frame: bool, reverse: bool = False,
-                write_memory: bool = True, departures: Departures = REFINER) -> SliceOutput:
+                prompt_slice: int, memory_bank: dict | MemoryBank, is_init_cond_frame: bool, reverse: bool = False,
+                write_memory: bool = True, departures: Departures = REFINER, frame_index: int | None = None,
+                num_frames: int | None = None, skip_absent: bool = False) -> SliceOutput:
     """SAM 2's `_track_step` on one slice for all N objects of `prompts` (its slice `prompt_slice`), conditioned
     on `memory_bank` ({"cond_frame_outputs": {t: out}, "non_cond_frame_outputs": {t: out}}), then the slice's
-    memory (see the module docstring)."""
+    memory (see the module docstring).
+
+    The slice is image `feature_slice` of `features` and frame `frame_index` (default: the same) of a volume of
+    `num_frames` slices (default: those of `features`). `skip_absent` (prediction, one image for all objects):
+    objects absent by their prompts on this slice run no SAM 2 step at all; their output is ABSENT_LOGIT, their
+    object score ABSENT_SCORE and their memory the one SAM 2 writes for an absent object, as with the step."""
+    frame_index = feature_slice if frame_index is None else frame_index
+    num_frames = features.num_slices if num_frames is None else num_frames
+    output_dict = getattr(memory_bank, "output_dict", memory_bank)
     num_objects = prompts.present.shape[0]
     vision_feats, vision_pos_embeds = features.for_objects(feature_slice, num_objects)
-    groups = _prompt_groups(prompts, prompt_slice, departures)
+    groups, skipped = _prompt_groups(prompts, prompt_slice, departures,
+                                     skip_absent=skip_absent and features.batch_size == 1)
     low_res, high_res, obj_ptr, object_score = [], [], [], []
     for group in groups:
-        whole = len(groups) == 1
+        whole = len(groups) == 1 and not skipped
         with sam2_call_flags(sam_model, departures, group.prompted):
             _, sam_outputs, _, _ = sam_model._track_step(
-                frame_idx=feature_slice, is_init_cond_frame=is_init_cond_frame,
+                frame_idx=frame_index, is_init_cond_frame=is_init_cond_frame,
                 current_vision_feats=vision_feats if whole else [x[:, group.objects] for x in vision_feats],
                 current_vision_pos_embeds=vision_pos_embeds if whole else [x[:, group.objects]
                                                                            for x in vision_pos_embeds],
                 feat_sizes=features.feat_sizes, point_inputs=group.point_inputs, mask_inputs=group.mask_inputs,
-                output_dict=memory_bank if whole else _objects_of(memory_bank, group.objects),
-                num_frames=features.num_slices, track_in_reverse=reverse, prev_sam_mask_logits=None)
+                output_dict=output_dict if whole else _objects_of(output_dict, group.objects),
+                num_frames=num_frames, track_in_reverse=reverse, prev_sam_mask_logits=None)
         for gathered, value in zip((low_res, high_res, obj_ptr, object_score), sam_outputs[3:]):
             gathered.append(value)
-    order = torch.argsort(torch.cat([g.objects for g in groups]))
-    low_res, high_res, obj_ptr, object_score = (torch.cat(v)[order] for v in (low_res, high_res, obj_ptr,
-                                                                               object_score))
-    low_res, high_res, object_score = low_res.float(), high_res.float(), object_score.float()
-    scored_present = object_score[:, 0] > 0
-    if departures.presence_from_prompts:
-        prompted = torch.zeros(num_objects, dtype=torch.bool, device=low_res.device)
-        for group in groups:
-            prompted[group.objects] = group.prompted
-        present = torch.where(prompted, prompts.present[:, prompt_slice], scored_present)
-        low_res = torch.where(present[:, None, None, None], low_res, ABSENT_LOGIT)
-    else:
-        present = scored_present
-    memory = None
-    if write_memory:
-        memory_score = object_score
+    device = vision_feats[0].device
+    tracked = torch.cat([g.objects for g in groups]) if groups else torch.zeros(0, dtype=torch.long, device=device)
+    quarter = sam_model.image_size // 4
+    full_low_res = torch.full((num_objects, 1, quarter, quarter), ABSENT_LOGIT, device=device)
+    full_score = torch.full((num_objects, 1), ABSENT_SCORE, device=device)
+    present = torch.zeros(num_objects, dtype=torch.bool, device=device)
+    memory = {} if write_memory else None
+    if groups:
+        # back into object order
+        order = torch.argsort(tracked)
+        tracked = tracked[order]
+        low_res, high_res, obj_ptr, object_score = (torch.cat(v)[order]
+                                                    for v in (low_res, high_res, obj_ptr, object_score))
+        low_res, high_res, object_score = low_res.float(), high_res.float(), object_score.float()
+        scored_present = object_score[:, 0] > 0
         if departures.presence_from_prompts:
-            # an object found from memory alone whose mask is empty is remembered as absent
-            remembered = present & (prompted | (low_res > 0).flatten(1).any(dim=1))
-            obj_ptr = torch.where(remembered[:, None], obj_ptr, sam_model.no_obj_ptr)
-            high_res = torch.where(remembered[:, None, None, None], high_res, NO_OBJ_SCORE)
-            memory_score = torch.where(remembered[:, None], PRESENT_SCORE, ABSENT_SCORE)
-        memory = {"obj_ptr": obj_ptr}
-        sam_model._encode_memory_in_output(vision_feats, features.feat_sizes, None, True, high_res, memory_score,
-                                           memory)
+            prompted = torch.cat([torch.full((len(g.objects),), g.prompted, device=device) for g in groups])[order]
+            tracked_present = torch.where(prompted, prompts.present[tracked, prompt_slice], scored_present)
+            low_res = torch.where(tracked_present[:, None, None, None], low_res, ABSENT_LOGIT)
+        else:
+            tracked_present = scored_present
+        full_low_res[tracked], full_score[tracked], present[tracked] = low_res, object_score, tracked_present
+        if write_memory:
+            memory_score = object_score
+            if departures.presence_from_prompts:
+                # an object found from memory alone whose mask is empty is remembered as absent
+                remembered = tracked_present & (prompted | (low_res > 0).flatten(1).any(dim=1))
+                obj_ptr = torch.where(remembered[:, None], obj_ptr, sam_model.no_obj_ptr)
+                high_res = torch.where(remembered[:, None, None, None], high_res, NO_OBJ_SCORE)
+                memory_score = torch.where(remembered[:, None], PRESENT_SCORE, ABSENT_SCORE)
+            memory = {"obj_ptr": obj_ptr}
+            sam_model._encode_memory_in_output([x[:, tracked] for x in vision_feats] if skipped else vision_feats,
+                                               features.feat_sizes, None, True, high_res, memory_score, memory)
+    if write_memory:
+        if skipped:
+            absent = _absent_memory(sam_model, vision_feats, features.feat_sizes, len(skipped))
+            order = torch.argsort(torch.cat([tracked, torch.tensor(skipped, device=device)]))
+            memory = absent if not groups else {
+                "obj_ptr": torch.cat([memory["obj_ptr"], absent["obj_ptr"].to(memory["obj_ptr"].dtype)])[order],
+                "maskmem_features": torch.cat([memory["maskmem_features"], absent["maskmem_features"]])[order],
+                "maskmem_pos_enc": [torch.cat(pair)[order] for pair in zip(memory["maskmem_pos_enc"],
+                                                                            absent["maskmem_pos_enc"])]}
         if not sam_model.training:
             # SAM2VideoPredictor keeps memories in bfloat16 (`_run_single_frame_inference`): same values, half
             # the memory; training keeps float32, as Meta's training does
             memory["maskmem_features"] = memory["maskmem_features"].to(torch.bfloat16)
         memory = {key: memory[key] for key in MEMORY_KEYS}
-    return SliceOutput(low_res=low_res, object_score=object_score, present=present, memory=memory)
+    return SliceOutput(low_res=full_low_res, object_score=full_score, present=present, memory=memory)
+
+
+class SliceWalk:
+    """One refinement pass through the D slices of a patch or volume, in SAM 2's order, with its memory bank.
+
+    With memory, slice 0 is the conditioning frame and the others follow in order, each tracked from the
+    memories before it (`Departures.prompted_slices_use_memory`); with the departure off, every prompted slice
+    is a conditioning frame, segmented first, as SAM2VideoPredictor treats prompts given on several frames
+    before it propagates. Without memory every slice is an initial frame and nothing is remembered. Several
+    walks (one per refinement pass) advance together slice by slice: a pass's prompts on a slice come from the
+    pass before on the same slice only."""
+
+    def __init__(self, sam_model: SAM2Base, num_slices: int, use_memory: bool, departures: Departures = REFINER,
+                 unprompted: frozenset[int] = frozenset(), skip_absent: bool = False):
+        self.sam, self.num_slices, self.use_memory = sam_model, num_slices, use_memory
+        self.departures, self.skip_absent = departures, skip_absent
+        self.conditioning = {0}
+        if use_memory and not departures.prompted_slices_use_memory:
+            self.conditioning |= {d for d in range(1, num_slices) if d not in unprompted}
+        first = sorted(self.conditioning) if use_memory else []
+        self.order = first + [d for d in range(num_slices) if d not in self.conditioning or not use_memory]
+        self.bank = MemoryBank(sam_model)
+
+    @property
+    def in_slice_order(self) -> bool:
+        """Whether the walk visits slice 0, 1, ... in turn (then features can be computed as it goes)."""
+        return self.order == list(range(self.num_slices))
+
+    def step(self, step_index: int, features: SliceFeatures, feature_slice: int, prompts: ObjectPrompts,
+             prompt_slice: int) -> SliceOutput:
+        """Track the walk's `step_index`-th slice, image `feature_slice` of `features`."""
+        d = self.order[step_index]
+        conditioning = d in self.conditioning
+        out = track_slice(self.sam, features, feature_slice, prompts, prompt_slice, self.bank,
+                          is_init_cond_frame=conditioning or not self.use_memory,
+                          write_memory=self.use_memory and step_index < self.num_slices - 1,
+                          departures=self.departures, frame_index=d, num_frames=self.num_slices,
+                          skip_absent=self.skip_absent)
+        if out.memory is not None:
+            self.bank.add(d, out.memory, conditioning)
+        return out
 
 
 def refine_slices(sam_model: SAM2Base, features: SliceFeatures, prompts: ObjectPrompts, use_memory: bool,
                   patch_hw: tuple[int, int], departures: Departures = REFINER) -> SliceLogits:
-    """SAM 2's mask logits for every object on every slice, given the prompts (see the module docstring)."""
+    """One pass: SAM 2's mask logits for every object on every slice of `features`, given the prompts."""
     num_slices = prompts.present.shape[1]
-    conditioning = [0]
-    if use_memory and not departures.prompted_slices_use_memory:
-        # SAM2VideoPredictor with prompts on several frames: each is an initial conditioning frame, segmented first
-        conditioning += [d for d in range(1, num_slices) if d not in prompts.unprompted]
-    order = conditioning + [d for d in range(num_slices) if d not in conditioning] if use_memory else range(num_slices)
-    memory_bank = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-    outputs = {}
-    for step, d in enumerate(order):
-        out = track_slice(sam_model, features, d, prompts, d, memory_bank,
-                          is_init_cond_frame=(d in conditioning or not use_memory),
-                          write_memory=use_memory and step < num_slices - 1, departures=departures)
-        outputs[d] = out
-        if out.memory is not None:
-            memory_bank["cond_frame_outputs" if d in conditioning else "non_cond_frame_outputs"][d] = out.memory
-
+    walk = SliceWalk(sam_model, num_slices, use_memory, departures, prompts.unprompted)
+    outputs = {d: walk.step(step, features, d, prompts, d) for step, d in enumerate(walk.order)}
     low_res = torch.cat([outputs[d].low_res for d in range(num_slices)], dim=1)  # (N, D, S/4, S/4)
     patch = logits_to_grid(low_res, patch_hw)
     if departures.presence_from_prompts:

@@ -1,0 +1,188 @@
+"""Whole-volume cascade prediction: nnU-Net's predictor hands the refiner whole volumes, each slice is encoded
+once per test-time mirror, SAM 2's memory reaches across the volume and stays bounded, and absent objects cost
+no SAM 2 step (whole_volume_prediction.py, model/network.py, model/refinement.py)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import DATASET_NAME, PLANS, TEST_SAM2_IMAGE_SIZE
+from nnunetv2_rfmedsam.model import network as network_module
+from nnunetv2_rfmedsam.model import refinement
+from nnunetv2_rfmedsam.model.network import RFMedSAM2Network
+from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases
+from nnunetv2_rfmedsam.trainers import nnUNetTrainerRFMedSAM2
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def hippocampus_volume(case_index: int = 0, slices: int | None = None, absent_class: int | None = None):
+    """A real hippocampus image (z-scored) and its label as stage-1 masks: (1, 3, D, H, W)."""
+    source = hippocampus_source()
+    case = list_cases(source)[case_index]
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "imagesTr" / f"{case}_0000.nii.gz"))).astype(np.float32)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "labelsTr" / f"{case}.nii.gz")))
+    image = (image - image.mean()) / image.std()
+    masks = [(label == k).astype(np.float32) for k in (1, 2)]
+    if absent_class is not None:
+        masks[absent_class - 1][:] = 0
+    x = torch.from_numpy(np.stack([image, *masks]))[None]
+    return x if slices is None else x[:, :, :slices]
+
+
+def fresh_network(**settings) -> RFMedSAM2Network:
+    torch.manual_seed(0)
+    network = RFMedSAM2Network(3, 3, image_size=TEST_SAM2_IMAGE_SIZE, **settings).eval()
+    if network.prompt_gates is not None:
+        with torch.no_grad():
+            # a refiner that moves away from its prompt, so SAM 2's part shows in the output
+            network.prompt_gates.fill_(0.6)
+    return network
+
+
+class EncoderCalls:
+    """Counts the frames SAM 2's image encoder sees and the objects of each `_track_step`."""
+
+    def __init__(self, network: RFMedSAM2Network):
+        self.frames, self.objects = 0, []
+        forward_image, track_step = network.sam.forward_image, network.sam._track_step
+
+        def counting_forward_image(frames):
+            self.frames += frames.shape[0]
+            return forward_image(frames)
+
+        def counting_track_step(*args, **kwargs):
+            self.objects.append(kwargs["current_vision_feats"][0].shape[1])
+            return track_step(*args, **kwargs)
+
+        network.sam.forward_image, network.sam._track_step = counting_forward_image, counting_track_step
+
+
+@pytest.fixture(scope="module")
+def predictor_parts(planned_workspace):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    preprocessed = planned_workspace["root"] / "preprocessed" / DATASET_NAME
+    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    return PlansManager(plans), dataset_json, planned_workspace
+
+
+def cascade_predictor(predictor_parts, whole_volumes: bool):
+    """nnU-Net's own predictor with a stage-2 network as its checkpoint would give it, and the trainer's
+    test-time mirroring."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    plans_manager, dataset_json, _ = predictor_parts
+    configuration = plans_manager.get_configuration("3d_rfmedsam2")
+    network = nnUNetTrainerRFMedSAM2.build_network_architecture(plans_manager, configuration, 3, 3, False)
+    network.predicts_whole_volumes = whole_volumes
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device("cpu"),
+                                perform_everything_on_device=False, allow_tqdm=False)
+    predictor.manual_initialization(network, plans_manager, configuration, [network.state_dict()], dataset_json,
+                                    "nnUNetTrainerRFMedSAM2", (len(configuration.patch_size) - 1,))
+    return predictor, network
+
+
+def test_predictor_encodes_each_slice_once_per_mirror_and_keeps_geometry(predictor_parts):
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    workspace = predictor_parts[2]
+    case = workspace["test"][0]
+    image, properties = SimpleITKIO().read_images([str(workspace["raw"] / "imagesTs" / f"{case}_0000.nii.gz")])
+    stage1 = sitk.GetArrayFromImage(sitk.ReadImage(str(workspace["raw"] / "labelsTs" / f"{case}.nii.gz")))
+    results = {}
+    for whole_volumes in (True, False):
+        predictor, network = cascade_predictor(predictor_parts, whole_volumes)
+        calls, shapes = EncoderCalls(network), []
+        network.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape[2:])))
+        segmentation = predictor.predict_single_npy_array(image, properties, stage1[None].astype(np.int16),
+                                                          None, False)
+        results[whole_volumes] = (calls.frames, shapes, segmentation)
+    frames, shapes, segmentation = results[True]
+    # one call per test-time mirror (the trainer mirrors one axis), each with the whole volume
+    assert len(shapes) == 2 and shapes[0] == shapes[1]
+    assert frames == 2 * shapes[0][0]
+    assert segmentation.shape == image.shape[1:]
+    assert set(np.unique(segmentation)) <= {0, 1, 2} and (segmentation > 0).any()
+    # nnU-Net's sliding window, for comparison, encodes slices once per overlapping window and mirror
+    windowed_frames, windowed_shapes, _ = results[False]
+    assert len(windowed_shapes) > 2 and windowed_frames > frames
+
+
+def run(network: RFMedSAM2Network, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return network(x)
+
+
+def test_streaming_and_memory_bank_bound_change_nothing(monkeypatch):
+    """A 40-slice volume: encoding 4 slices at a time equals encoding all at once, and the bounded memory bank
+    (reach 16 here, less than the volume) equals an unbounded one, so it drops only memories SAM 2 no longer
+    reads."""
+    x = hippocampus_volume()
+    assert x.shape[2] > 2 * refinement.MemoryBank(fresh_network().sam).reach
+    streamed = run(fresh_network(), x)
+
+    class Unbounded(refinement.MemoryBank):
+        def __init__(self, sam_model):
+            super().__init__(sam_model)
+            self.reach = 10 ** 6
+
+    monkeypatch.setattr(network_module, "SLICES_PER_ENCODER_CALL", x.shape[2])
+    monkeypatch.setattr(refinement, "MemoryBank", Unbounded)
+    reference = run(fresh_network(), x)
+    torch.testing.assert_close(streamed, reference, rtol=0, atol=1e-5)
+    assert not torch.allclose(streamed[:, 1:], (2 * x[:, 1:] - 1) * network_module.PROMPT_LOGIT), \
+        "SAM 2 left no trace in the output: the comparison would be vacuous"
+
+
+def test_memory_bank_holds_only_what_sam2_can_read():
+    sam = fresh_network().sam
+    bank = refinement.MemoryBank(sam)
+    bank.add(0, {"frame": 0}, conditioning=True)
+    for d in range(1, 60):
+        bank.add(d, {"frame": d}, conditioning=False)
+        assert len(bank.output_dict["non_cond_frame_outputs"]) <= bank.reach + 1
+    assert set(bank.output_dict["cond_frame_outputs"]) == {0}
+    assert min(bank.output_dict["non_cond_frame_outputs"]) == 59 - bank.reach
+    # SAM 2 reads back num_maskmem - 1 memories and max_obj_ptrs_in_encoder - 1 object pointers
+    assert bank.reach >= max(sam.num_maskmem - 1, sam.max_obj_ptrs_in_encoder - 1)
+
+
+@pytest.mark.parametrize("start_at_prompt", [True, False])
+def test_absent_objects_skip_sam2_and_change_nothing(monkeypatch, start_at_prompt):
+    """Prediction skips SAM 2 for objects absent by their prompts (per slice, and a class absent from the whole
+    volume entirely) and gives what running them would give."""
+    x = hippocampus_volume(slices=24, absent_class=2)
+    network = fresh_network(start_at_prompt=start_at_prompt)
+    calls = EncoderCalls(network)
+    skipped = run(network, x)
+    # class 2 is absent everywhere: every SAM 2 step tracks class 1 alone, and only where it is present (pass 1:
+    # its stage-1 mask; pass 2: pass 1's result)
+    present_slices = int(x[0, 1].flatten(1).any(dim=1).sum())
+    assert 0 < present_slices < x.shape[2]
+    assert set(calls.objects) == {1} and present_slices <= len(calls.objects) <= 2 * present_slices
+    assert (skipped[0, 2] == refinement.ABSENT_LOGIT).all() if not start_at_prompt else (skipped[0, 2] < 0).all()
+
+    class RunEveryObject(refinement.SliceWalk):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **dict(kwargs, skip_absent=False))
+
+    monkeypatch.setattr(network_module, "SliceWalk", RunEveryObject)
+    network = fresh_network(start_at_prompt=start_at_prompt)
+    monkeypatch.setattr(network, "_objects_to_track", lambda objects: torch.arange(objects.shape[0]))
+    calls = EncoderCalls(network)
+    everything = run(network, x)
+    assert calls.objects == [2] * (2 * x.shape[2])
+    torch.testing.assert_close(skipped, everything, rtol=0, atol=1e-4)
+
+
+def test_a_volume_without_any_foreground_costs_no_encoder_call():
+    x = hippocampus_volume(slices=10)
+    x[:, 1:] = 0
+    network = fresh_network()
+    calls = EncoderCalls(network)
+    logits = run(network, x)
+    assert calls.frames == 0 and not calls.objects
+    assert (logits.argmax(1) == 0).all()
