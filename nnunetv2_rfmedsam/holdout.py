@@ -234,9 +234,11 @@ def evaluate_holdout(dataset_id: int, recipe: HoldoutRecipe, env: dict, output: 
         methods[f"stage 1 ({STAGE1_TRAINER})"] = predictions / "stage1"
     methods["RFMedSAM 2 cascade"] = predictions / "cascade"
     print(f"\n$ nnUNetv2_rfmedsam_compare --gt {raw / 'labelsTs'} "
-          + " ".join(f"--pred '{k}={v}'" for k, v in methods.items()) + f" -o {output / 'compare'}", flush=True)
+          + " ".join(f"--pred '{k}={v}'" for k, v in methods.items())
+          + f" --images {raw / 'imagesTs'} -o {output / 'compare'}", flush=True)
     return compare_folders(raw / "labelsTs", {k: str(v) for k, v in methods.items()}, output / "compare",
-                           labels_json=raw / "dataset.json", num_processes=recipe.num_processes)
+                           labels_json=raw / "dataset.json", num_processes=recipe.num_processes,
+                           images_dir=raw / "imagesTs")
 
 
 def print_dice_table(metrics: dict, label_names: dict[str, str]) -> None:
@@ -244,6 +246,14 @@ def print_dice_table(metrics: dict, label_names: dict[str, str]) -> None:
     for method, summary in metrics["methods"].items():
         row = "".join(f"{summary['per_class'][k]['dice']['mean']:12.3f}" for k in label_names)
         print(f"{method:44s}{row}{summary['foreground_mean']['dice']:10.3f}")
+
+
+def print_figure_locations(compare_dir: Path) -> None:
+    """Where the compare command's pictures are: the plots and the contour figures of the cases to look at."""
+    contours = sorted(compare_dir.glob("contours_*.png"))
+    print(f"plots: {compare_dir / 'dice_per_class.png'}, {compare_dir / 'paired_cases.png'}")
+    print(f"contours of the cases to look at (largest loss, largest gain, median case; linked from report.md): "
+          + ", ".join(str(path) for path in contours))
 
 
 def _signed(value) -> str:
@@ -325,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     print_paired_differences(metrics, label_names)
     print(f"\nstage-2 training prompts: {recipe.stage2_prompts}")
     print(f"\nreport: {args.o / 'compare' / 'report.md'}")
+    print_figure_locations(args.o / "compare")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def main() -> None:
                     *DEMO_RECIPE.predict_flags, *common], env, root / "predict.log")
         methods[name] = root / "predictions"
     metrics = compare_folders(raw / "labelsTs", {k: str(v) for k, v in methods.items()}, output / "compare",
-                              labels_json=raw / "dataset.json", num_processes=2)
+                              labels_json=raw / "dataset.json", num_processes=2, images_dir=raw / "imagesTs")
     rows = summary_rows(metrics)
     weights = "official" if checkpoint else "RANDOM"
     text = (f"Ablation: {len(list((raw / 'labelsTs').iterdir()))} held-back hippocampus cases; demo recipe "

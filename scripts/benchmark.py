@@ -190,16 +190,18 @@ def benchmark_prediction(raw: Path, cases: list[str], plans: dict, dataset_json:
 
 def benchmark_depth_memory(plans: dict, dataset_json: dict, depths: list[int], image_size: int, device) -> list:
     """Peak memory of whole-volume refinement through nnU-Net's predictor (with its mirroring) on a real
-    hippocampus case resampled along its slice axis to each depth, each depth in a fresh process (peak RSS
-    after the network and the volume exist, above the level before predicting), against the size of the
-    volume's own arrays (input and logits; nnU-Net's mirroring holds about two inputs and three logits at once)."""
+    hippocampus case resampled along its slice axis to each depth, each depth in a fresh process that differs in
+    nothing else: the process's peak RSS (and its rise above the peak before predicting, often 0 where building
+    the network peaked higher), against the size of the volume's own arrays (input and logits; nnU-Net's
+    mirroring holds about two inputs and three logits at once)."""
     import multiprocessing
     rows = []
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
         for depth in depths:
             row = pool.apply(_depth_memory_child, (plans, dataset_json, depth, image_size, str(device)))
             rows.append(row)
-            print(f"  {depth} slices: {row['refine_s']:.1f} s, peak RSS +{row['peak_rss_mb']:.0f} MB", flush=True)
+            print(f"  {depth} slices: {row['refine_s']:.1f} s, process peak RSS {row['process_peak_rss_mb']:.0f} MB "
+                  f"(+{row['peak_rss_mb']:.0f} MB while predicting)", flush=True)
     return rows
 
 
@@ -234,7 +236,8 @@ def _depth_memory_child(plans: dict, dataset_json: dict, depth: int, image_size:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"slices": depth, "shape": list(shape), "image_size": image_size, "refine_s": seconds,
-            "peak_rss_mb": (peak - before) / 2**20, "volume_arrays_mb": arrays / 2**20,
+            "peak_rss_mb": (peak - before) / 2**20, "process_peak_rss_mb": peak / 2**20,
+            "volume_arrays_mb": arrays / 2**20,
             "peak_vram_mb": (torch.cuda.max_memory_allocated() - vram_before) / 2**20 if device.type == "cuda"
             else None}
 
@@ -400,8 +403,9 @@ def print_tables(results: dict) -> None:
     if results.get("depths"):
         print("\nwhole-volume refinement against the number of slices (peak above the process's level)")
         for e in results["depths"]:
-            print(f"  {e['slices']:>4} slices {e['shape']}: {e['refine_s']:.1f} s, peak RSS {e['peak_rss_mb']:.0f} MB "
-                  f"(volume arrays {e['volume_arrays_mb']:.0f} MB), VRAM {mb(e['peak_vram_mb'])} MB")
+            print(f"  {e['slices']:>4} slices {e['shape']}: {e['refine_s']:.1f} s, process peak RSS "
+                  f"{e['process_peak_rss_mb']:.0f} MB (+{e['peak_rss_mb']:.0f} MB while predicting; volume arrays "
+                  f"{e['volume_arrays_mb']:.0f} MB), VRAM {mb(e['peak_vram_mb'])} MB")
     for e in results.get("ct", []):
         print(f"CT {e['shape']} ({e['classes']} classes, {e['organs_present']} present) at {e['image_size']}"
               f"{' compiled' if e['compiled'] else ''}: refined in {e['refine_s']:.1f} s, "

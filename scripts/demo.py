@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from nnunetv2_rfmedsam.holdout import (CommandFailed, HoldoutRecipe, evaluate_holdout, print_dice_table,  # noqa: E402
-                                       print_paired_differences, workspace_env)
+                                       print_figure_locations, print_paired_differences, workspace_env)
 from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases, split_holdout, write_raw_dataset  # noqa: E402
 
 DATASET_ID, DATASET_NAME = 4, "Dataset004_Hippocampus"
@@ -91,6 +91,7 @@ def main() -> None:
               "not RFMedSAM 2's accuracy. For a real comparison, download sam2.1_hiera_tiny.pt (see README.md) and\n"
               "run: RFMEDSAM2_SAM2_CHECKPOINT=/path/to/it make demo")
     print(f"\nreport with NSD, HD95, paired statistics and plots: {workdir / 'compare' / 'report.md'}")
+    print_figure_locations(workdir / "compare")
     print(f"finished in {(time.time() - started) / 60:.1f} min")
 
 

@@ -15,12 +15,14 @@ from scipy.ndimage import binary_dilation, binary_erosion
 from scipy.stats import wilcoxon
 
 from conftest import bin_command
+from nnunetv2_rfmedsam.evaluation.case_figures import cases_to_show, most_different_slice
 from nnunetv2_rfmedsam.evaluation.compare import CompareError, compare_folders
 from nnunetv2_rfmedsam.evaluation.metrics import class_metrics
 from nnunetv2_rfmedsam.evaluation.statistics import (bootstrap_ci, paired_comparison, summarize, wilcoxon_p,
                                                      wins_ties_losses)
+from nnunetv2_rfmedsam.raw_dataset import hippocampus_source
 
-HIPPOCAMPUS = Path("/work/shared/data/Dataset004_Hippocampus")
+HIPPOCAMPUS = hippocampus_source()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LABELS = {"background": 0, "Anterior": 1, "Posterior": 2}
 
@@ -220,6 +222,54 @@ def test_plots_are_valid_pngs(folders):
         path = folders["out"] / name
         assert path.read_bytes()[:8] == PNG_SIGNATURE
         assert matplotlib.image.imread(str(path)).std() > 0
+
+
+def test_cases_to_show_are_each_candidates_loss_gain_and_median():
+    per_case = {"base": {"a": 0.5, "b": 0.5, "c": 0.5, "d": 0.5, "e": 0.5},
+                "new": {"a": 0.9, "b": 0.1, "c": 0.55, "d": 0.5, "e": 0.6}}
+    shown = {s.case: s.reasons for s in cases_to_show(per_case, "base")}
+    assert shown == {"b": ("largest loss of new (-0.400)",), "c": ("median case of new (+0.050)",),
+                     "a": ("largest gain of new (+0.400)",)}
+
+
+def test_most_different_slice_is_where_the_methods_disagree():
+    reference = box_case()
+    a, b = box_case(), box_case()
+    b[8] = 0  # label 2 lost on slice 8 only
+    assert most_different_slice(reference, [a, b]) == 8
+    assert most_different_slice(reference, [a, a.copy()]) == int(np.argmax((reference > 0).sum(axis=(1, 2))))
+
+
+def test_contour_figures_on_real_images_are_linked_from_the_report(tmp_path):
+    gt, eroded, shifted, images = (tmp_path / n for n in ("gt", "eroded", "shifted", "images"))
+    for folder in (gt, eroded, shifted, images):
+        folder.mkdir()
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (HIPPOCAMPUS / "labelsTr").iterdir())[:4]
+    for index, case in enumerate(cases):
+        shutil.copy(HIPPOCAMPUS / "labelsTr" / f"{case}.nii.gz", gt / f"{case}.nii.gz")
+        shutil.copy(HIPPOCAMPUS / "imagesTr" / f"{case}_0000.nii.gz", images / f"{case}_0000.nii.gz")
+        reference = sitk.ReadImage(str(gt / f"{case}.nii.gz"))
+        labels = sitk.GetArrayFromImage(reference)
+        worse = np.where(binary_erosion(labels > 0), labels, 0)
+        for folder, array in ((eroded, worse), (shifted, np.roll(labels, index, axis=1))):
+            image = sitk.GetImageFromArray(array.astype(labels.dtype))
+            image.CopyInformation(reference)
+            sitk.WriteImage(image, str(folder / f"{case}.nii.gz"))
+    out = tmp_path / "out"
+    compare_folders(str(gt), {"eroded": str(eroded), "shifted": str(shifted)}, str(out),
+                    labels_json=str(HIPPOCAMPUS / "dataset.json"), images_dir=str(images))
+    figures = sorted(p.name for p in out.glob("contours_*.png"))
+    # shifted by 0 voxels is its largest gain over the eroded baseline, by 3 its largest loss, one in between
+    assert f"contours_{cases[0]}.png" in figures and f"contours_{cases[3]}.png" in figures and len(figures) == 3
+    report = (out / "report.md").read_text()
+    for name in figures:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE
+        pixels = matplotlib.image.imread(str(out / name))
+        assert pixels.shape[0] > 200 and pixels.std() > 0.05
+        assert f"]({name})" in report
+    assert "largest gain of shifted" in report and "largest loss of shifted" in report
+    assert "![Dice per class](dice_per_class.png)" in report
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------

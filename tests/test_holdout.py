@@ -8,7 +8,7 @@ from conftest import DATASET_NAME
 
 
 def test_holdout_workflow_trains_three_models_and_compares_them(nnunet_workspace, hippocampus_cases, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, recwarn):
     source, train, test = hippocampus_cases
     write_raw_dataset(source, tmp_path / "raw" / DATASET_NAME, train[:6], test[:2])
     env = dict(nnunet_workspace["env"], nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
@@ -25,6 +25,9 @@ def test_holdout_workflow_trains_three_models_and_compares_them(nnunet_workspace
     assert set(metrics["paired"]) == set(methods[1:])
     for name in ("metrics.json", "report.md", "dice_per_class.png", "paired_cases.png", "cases.csv"):
         assert (tmp_path / "out" / "compare" / name).is_file()
+    # the held-back images are under the contour figures of the cases to look at
+    assert list((tmp_path / "out" / "compare").glob("contours_*.png"))
+    assert "without its image" not in "".join(str(w.message) for w in recwarn)
     split = json.loads((tmp_path / "pre" / DATASET_NAME / "splits_final.json").read_text())
     assert len(split[0]["val"]) == 1 and len(split[0]["train"]) == 5
     for trainer in ("nnUNetTrainerBudget", "nnUNetTrainerRFPrompt", "nnUNetTrainerRFMedSAM2"):

@@ -1,10 +1,11 @@
 """`nnUNetv2_rfmedsam_compare`: compare folders of segmentation predictions against ground truth.
 
     nnUNetv2_rfmedsam_compare --gt DIR --pred NAME=DIR [--pred NAME=DIR ...] -o OUT
-                              [--labels dataset.json] [--tolerance-mm X] [-np N] [--strict]
+                              [--labels dataset.json] [--images DIR] [--tolerance-mm X] [-np N] [--strict]
 
-The first --pred is the baseline. Writes OUT/metrics.json, report.md, cases.csv, dice_per_class.png and
-paired_cases.png (see `nnunetv2_rfmedsam.evaluation.compare` for the conventions). Bad input prints one line,
+The first --pred is the baseline. Writes OUT/metrics.json, report.md, cases.csv, dice_per_class.png,
+paired_cases.png and contours_<case>.png of the cases to look at, on the images of --images when given (see
+`nnunetv2_rfmedsam.evaluation.compare` for the conventions). Bad input prints one line,
 `error: ...`, to stderr and exits with code 2; missing cases are a warning unless --strict.
 """
 from __future__ import annotations
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", metavar="dataset.json", default=None,
                         help="nnU-Net dataset.json whose labels (except background) are evaluated; "
                              "default: the nonzero labels found in the ground truth")
+    parser.add_argument("--images", metavar="DIR", default=None,
+                        help="the cases' images (nnU-Net's <case>_0000.nii.gz, e.g. imagesTs) under the contour "
+                             "figures; without it the figures show the contours alone")
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM,
                         help=f"normalised surface Dice tolerance in mm (default {DEFAULT_TOLERANCE_MM:g})")
     parser.add_argument("-np", type=int, default=1, help="worker processes (default 1: in this process)")
@@ -55,11 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
     try:
         compare_folders(args.gt, parse_predictions(args.pred), args.output, labels_json=args.labels,
-                        tolerance_mm=args.tolerance_mm, num_processes=args.np, strict=args.strict)
+                        tolerance_mm=args.tolerance_mm, num_processes=args.np, strict=args.strict,
+                        images_dir=args.images)
     except CompareError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote metrics.json, report.md, cases.csv, dice_per_class.png and paired_cases.png to {args.output}")
+    print(f"wrote metrics.json, report.md, cases.csv, dice_per_class.png, paired_cases.png and the contour figures "
+          f"of the cases to look at (contours_<case>.png, linked from report.md) to {args.output}")
 
 
 if __name__ == "__main__":

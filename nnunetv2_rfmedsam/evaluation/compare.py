@@ -21,7 +21,10 @@ Every file is read and checked before anything is written, and each output repla
 (written to a temporary file in the output folder, then renamed), so an error leaves the output folder as
 it was.
 
-Outputs in the output folder: metrics.json, report.md, cases.csv, dice_per_class.png, paired_cases.png.
+Outputs in the output folder: metrics.json, report.md, cases.csv, dice_per_class.png, paired_cases.png, and
+contours_<case>.png for the cases to look at (each candidate's largest loss and gain against the baseline and its
+median case; see case_figures.py), on the images of `images_dir` (nnU-Net's `<case>_0000.nii.gz`) when given.
+report.md links them.
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunetv2_rfmedsam.evaluation.case_figures import (CaseToShow, case_figure, cases_to_show, figure_file_name,
+                                                      most_different_slice)
 from nnunetv2_rfmedsam.evaluation.metrics import DEFAULT_TOLERANCE_MM, case_metrics
 from nnunetv2_rfmedsam.evaluation.plots import dice_per_class_figure, figure_to_png, paired_cases_figure
 from nnunetv2_rfmedsam.evaluation.statistics import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE,
@@ -95,11 +100,12 @@ class CaseTask:
 
 def compare_folders(gt_dir: str, preds: Mapping[str, str], out_dir: str, labels_json: str | None = None,
                     tolerance_mm: float = DEFAULT_TOLERANCE_MM, num_processes: int = 1,
-                    strict: bool = False) -> dict:
+                    strict: bool = False, images_dir: str | None = None) -> dict:
     """Evaluate every method's predictions against the ground truth and write the comparison to `out_dir`.
 
     `preds` maps method names to prediction folders, in order; the first method is the baseline.
     `num_processes` > 1 evaluates cases in that many worker processes; 1 evaluates them in this process.
+    `images_dir`: the images (`<case>_0000.nii.gz`) under the contour figures; without it they show contours alone.
     Returns the content of metrics.json (undefined values as None).
     """
     methods = _check_arguments(gt_dir, preds, out_dir, tolerance_mm, num_processes)
@@ -127,16 +133,60 @@ def compare_folders(gt_dir: str, preds: Mapping[str, str], out_dir: str, labels_
                for record in case_records]
 
     result = _json_safe(assemble_results(records, methods, label_names, missing, gt_dir, tolerance_mm))
+    contours = render_case_figures(result, ground_truth, predicted, label_names, images_dir)
     outputs = {
         "metrics.json": (json.dumps(result, indent=2, allow_nan=False) + "\n").encode(),
-        "report.md": render_report(result, label_names).encode(),
+        "report.md": render_report(result, label_names, contours).encode(),
         "cases.csv": render_cases_csv(result, label_names).encode(),
         **render_figures(result, label_names),
+        **{name: png for name, (_, png) in contours.items()},
     }
     os.makedirs(out_dir, exist_ok=True)
-    for name in OUTPUT_FILES:
+    for name in (*OUTPUT_FILES, *contours):
         write_atomically(os.path.join(out_dir, name), outputs[name])
     return result
+
+
+def render_case_figures(result: dict, ground_truth: Mapping[str, str], predicted: Mapping[str, Mapping[str, str]],
+                        label_names: Mapping[int, str], images_dir: str | None) -> dict[str, tuple[CaseToShow, bytes]]:
+    """contours_<case>.png of the cases to look at (case_figures.py), as PNG bytes with the case they show."""
+    labels = [str(label) for label in label_names]
+    values = _values_by_method_label_case(result["cases"])
+    methods = list(result["methods"])
+    per_case = {method: {case: _nanmean([values[(method, label)][case]["dice"] for label in labels])
+                         for case in set.intersection(*(set(values.get((method, label), {})) for label in labels))}
+                for method in methods}
+    figures = {}
+    for shown in cases_to_show(per_case, result["settings"]["baseline"]):
+        reference, geometry = read_label_map(ground_truth[shown.case])
+        arrays = {method: read_label_map(predicted[method][shown.case])[0] for method in methods
+                  if shown.case in predicted[method]}
+        index = most_different_slice(reference, list(arrays.values()))
+        image = _case_image(images_dir, shown.case, reference.shape)
+        spacing_x, spacing_y = geometry.spacing[0], geometry.spacing[1]
+        figure = case_figure(shown.case, index, None if image is None else image[index], reference[index],
+                             {m: a[index] for m, a in arrays.items()}, list(label_names), shown.reasons,
+                             aspect=spacing_y / spacing_x)
+        figures[figure_file_name(shown.case)] = (shown, figure_to_png(figure))
+    return figures
+
+
+def _case_image(images_dir: str | None, case: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The case's first image channel (z, y, x), or None (with a warning where it is missing or mismatched)."""
+    if images_dir is None:
+        return None
+    path = os.path.join(images_dir, f"{case}_0000{FILE_ENDING}")
+    try:
+        image = sitk.GetArrayFromImage(sitk.ReadImage(path)).astype(np.float32)
+    except RuntimeError as error:
+        warnings.warn(f"contour figure of case {case} without its image: cannot read {path}: {_sitk_reason(error)}",
+                      stacklevel=3)
+        return None
+    if image.shape != tuple(shape):
+        warnings.warn(f"contour figure of case {case} without its image: {path} has shape {image.shape}, the "
+                      f"ground truth {tuple(shape)}", stacklevel=3)
+        return None
+    return image
 
 
 def list_cases(folder: str) -> dict[str, str]:
@@ -256,8 +306,9 @@ def assemble_results(records: list[dict], methods: Mapping[str, str], label_name
     }
 
 
-def render_report(result: dict, label_names: Mapping[int, str]) -> str:
-    """report.md: per-method summaries, the paired comparison and the missing cases, as Markdown tables."""
+def render_report(result: dict, label_names: Mapping[int, str],
+                  contours: Mapping[str, tuple[CaseToShow, bytes]] | None = None) -> str:
+    """report.md: per-method summaries, the paired comparison, the figures and the missing cases."""
     settings = result["settings"]
     methods, baseline = list(result["methods"]), settings["baseline"]
     labels = [str(label) for label in label_names]
@@ -296,6 +347,14 @@ def render_report(result: dict, label_names: Mapping[int, str]) -> str:
                       f"a tie is |difference| < 1e-8."]
     else:
         lines.append(f"Only one method: nothing to compare with {baseline}.")
+
+    lines += ["", "## Figures", "", "![Dice per class](dice_per_class.png)", "",
+              "![Per-case Dice against the baseline](paired_cases.png)"]
+    if contours:
+        lines += ["", "### Cases to look at", "", "Each on the slice where the methods differ most: the ground truth "
+                  "in white, every method's class boundaries in its colour."]
+        for name, (shown, _) in contours.items():
+            lines += ["", f"**{shown.case}**: {'; '.join(shown.reasons)}", "", f"![{shown.case}]({name})"]
 
     lines += ["", "## Missing cases", ""]
     missing = {method: cases for method, cases in result["missing"].items() if cases}

@@ -6,6 +6,7 @@ that no global backend is switched and nothing needs a display.
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -13,6 +14,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 DPI = 120
+# characters per line of a panel's title and axis labels (a 4.2-inch panel)
+LABEL_WIDTH = 38
 # slightly beyond [0, 1] so that markers and error bars at the limits stay visible
 DICE_AXIS_LIMITS = (-0.02, 1.05)
 
@@ -63,9 +66,10 @@ def paired_cases_figure(baseline: str,
         axes.set_xlim(*DICE_AXIS_LIMITS)
         axes.set_ylim(*DICE_AXIS_LIMITS)
         axes.set_aspect("equal")
-        axes.set_xlabel(f"Dice, {baseline} (baseline)")
-        axes.set_ylabel(f"Dice, {candidate}")
-        axes.set_title(f"{candidate} vs {baseline}")
+        # long method names wrap rather than run out of the image
+        axes.set_xlabel(textwrap.fill(f"Dice, {baseline} (baseline)", LABEL_WIDTH))
+        axes.set_ylabel(textwrap.fill(f"Dice, {candidate}", LABEL_WIDTH))
+        axes.set_title(textwrap.fill(f"{candidate} vs {baseline}", LABEL_WIDTH), fontsize="medium")
         axes.legend(loc="lower right", fontsize="small")
         axes.grid(alpha=0.3)
     figure.tight_layout()
