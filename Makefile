@@ -9,7 +9,7 @@ demo: install
 	$(PYTHON) scripts/demo.py
 
 test: install
-	$(PYTHON) -m pytest -q -ra
+	$(PYTHON) -m pytest -q -ra -n 2 --dist loadgroup --no-loadscope-reorder
 
 benchmark: install
 	$(PYTHON) scripts/benchmark.py

@@ -1,4 +1,5 @@
-"""Shared fixtures: an nnU-Net workspace on real hippocampus cases, planned once and stage 1 trained once.
+"""Shared fixtures: an nnU-Net workspace on real hippocampus cases, planned once, stage 1 and stage 2 trained once,
+stage 1's predictions of the held-out cases written once.
 
 The stock nnU-Net commands read their folders from environment variables when they are imported, so the
 end-to-end tests run them as subprocesses with an environment of their own.
@@ -10,6 +11,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+# Before torch loads OpenMP: `make test` runs two pytest workers, and nnU-Net's commands set as many torch threads
+# as the machine has cores. Spinning OpenMP threads of two processes on two cores made each ~1.6x slower than
+# sharing the cores; waiting passively, two processes together take the time of both run one after the other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
@@ -25,7 +31,7 @@ STAGE1_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "2", 
 STAGE2_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "1", "RFMEDSAM2_VAL_ITERS": "1"}
 STAGE1_FOLDER = f"nnUNetTrainerRFPrompt__{PLANS}__3d_fullres"
 STAGE2_FOLDER = f"nnUNetTrainerRFMedSAM2__{PLANS}__3d_rfmedsam2"
-# stage 2 trains fold 0 of a split with 2 validation cases: the final validation of fold `all` would run
+# stage 2 trains fold 0 of a split with 1 validation case: the final validation of fold `all` would run
 # SAM 2 over every training case
 STAGE2_FOLD = "0"
 
@@ -71,13 +77,16 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def hippocampus_cases():
     source = hippocampus_source()
-    train, test = split_holdout(list_cases(source), num_train=10, num_test=3)
+    train, test = split_holdout(list_cases(source), num_train=6, num_test=3)
     return source, train, test
 
 
 @pytest.fixture(scope="session")
 def nnunet_workspace(tmp_path_factory, hippocampus_cases):
-    """Raw dataset (10 training, 3 held-out cases) and an environment pointing nnU-Net at it."""
+    """Raw dataset (6 training, 3 held-out cases) and an environment pointing nnU-Net at it.
+
+    Six training cases: enough for nnU-Net's five folds and for stage 2's split (5 training, 1 validation); each
+    further case costs every stage-1 final validation of this workspace another mirrored prediction."""
     source, train, test = hippocampus_cases
     root = tmp_path_factory.mktemp("nnunet")
     raw = write_raw_dataset(source, root / "raw" / DATASET_NAME, train, test)
@@ -111,9 +120,20 @@ def stage1_workspace(planned_workspace):
     return planned_workspace
 
 
+@pytest.fixture(scope="session")
+def stage1_test_predictions(stage1_workspace, tmp_path_factory):
+    """Stage 1's predictions of the held-out cases by the stock `nnUNetv2_predict` (default test-time mirroring)."""
+    out = tmp_path_factory.mktemp("stage1_predictions")
+    raw = stage1_workspace["raw"]
+    run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
+                 "-c", "3d_fullres", "-p", PLANS, "-tr", "nnUNetTrainerRFPrompt", "-f", "all", "-device", "cpu",
+                 "-npp", "1", "-nps", "1"], stage1_workspace["env"])
+    return out
+
+
 def train_stage2(workspace, extra_env, expect_success=True):
     train = workspace["train"]
-    split = [{"train": train[2:], "val": train[:2]}]
+    split = [{"train": train[1:], "val": train[:1]}]
     (workspace["root"] / "preprocessed" / DATASET_NAME / "splits_final.json").write_text(json.dumps(split))
     env = dict(workspace["env"], **STAGE2_BUDGET, **extra_env)
     return run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_rfmedsam2", STAGE2_FOLD, "-p", PLANS,
@@ -134,3 +154,27 @@ def stage2_workspace(stage1_workspace, tiny_checkpoint):
     proc = train_stage2(stage1_workspace, {"RFMEDSAM2_SAM2_CHECKPOINT": str(tiny_checkpoint)})
     stage1_workspace["stage2_log"] = proc.stdout
     return stage1_workspace
+
+
+WORKSPACE_FIXTURES = {"stage1_workspace", "stage2_workspace", "stage1_test_predictions"}
+# runs longest of the tests outside the workspace group: a worker should start it first, not last
+LONGEST_OUTSIDE_WORKSPACE = "test_holdout.py"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the xdist_group marks into scopes
+def pytest_collection_modifyitems(config, items):
+    """Groups for `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (what `make test` runs).
+
+    Every test of the trained workspace runs on one worker, which trains stage 1 and stage 2 once; every other
+    test module is a group of its own, so module fixtures are built once. The workspace group goes first and the
+    held-out workflow second, so that the two longest runs start together. Without xdist the marks do nothing and
+    the order is the same as by file, apart from those two coming first."""
+    def group(item):
+        if WORKSPACE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            return "workspace"
+        return item.path.name
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {"workspace": 0, LONGEST_OUTSIDE_WORKSPACE: 1}
+    items.sort(key=lambda item: rank.get(group(item), 2))  # stable: the order within a group is kept

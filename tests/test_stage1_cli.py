@@ -1,5 +1,6 @@
 """Stage 1 through the stock nnU-Net commands, end to end on real hippocampus cases (tiny budget)."""
 import json
+import shutil
 
 import numpy as np
 import torch
@@ -21,18 +22,17 @@ def test_budget_variables_are_logged(stage1_workspace):
     assert "RFMEDSAM2_ITERS_PER_EPOCH: num_iterations_per_epoch = 2" in text
 
 
-def test_stock_predict_keeps_geometry_and_evaluate_folder_runs(stage1_workspace, tmp_path):
-    env, raw = stage1_workspace["env"], stage1_workspace["raw"]
-    out = tmp_path / "stage1"
-    run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
-                 "-c", "3d_fullres", "-p", PLANS, "-tr", "nnUNetTrainerRFPrompt", "-f", "all", "-device", "cpu",
-                 "-npp", "1", "-nps", "1"], env)
+def test_stock_predict_keeps_geometry_and_evaluate_folder_runs(stage1_workspace, stage1_test_predictions, tmp_path):
+    env, raw, out = stage1_workspace["env"], stage1_workspace["raw"], stage1_test_predictions
     for case in stage1_workspace["test"]:
         assert_same_geometry(raw / "imagesTs" / f"{case}_0000.nii.gz", out / f"{case}.nii.gz")
     plans_file = stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "plans.json"
-    run_command([bin_command("nnUNetv2_evaluate_folder"), str(raw / "labelsTs"), str(out),
+    # evaluate_folder writes summary.json into the folder it evaluates: a copy keeps the shared predictions clean
+    evaluated = tmp_path / "stage1"
+    shutil.copytree(out, evaluated)
+    run_command([bin_command("nnUNetv2_evaluate_folder"), str(raw / "labelsTs"), str(evaluated),
                  "-djfile", str(raw / "dataset.json"), "-pfile", str(plans_file)], env)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((evaluated / "summary.json").read_text())
     assert set(summary["mean"]) == {"1", "2"}
     assert len(summary["metric_per_case"]) == len(stage1_workspace["test"])
 
@@ -50,10 +50,15 @@ def test_stock_predict_keeps_geometry_and_evaluate_folder_runs(stage1_workspace,
 
 
 def test_interrupted_training_resumes_with_continue_flag(stage1_workspace):
-    """`--c` picks up the last checkpoint and trains only the missing epochs."""
-    env = dict(stage1_workspace["env"], **dict(STAGE1_BUDGET, RFMEDSAM2_NUM_EPOCHS="2"))
-    proc = run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-p", PLANS,
-                        "-tr", "nnUNetTrainerRFPrompt", "-device", "cpu", "--c"], env)
+    """`--c` picks up the last checkpoint and trains only the missing epochs. Fold 0 of a split with one
+    validation case: each run ends with nnU-Net's final validation, which over fold `all` predicts every case."""
+    train = stage1_workspace["train"]
+    splits = stage1_workspace["root"] / "preprocessed" / DATASET_NAME / "splits_final.json"
+    splits.write_text(json.dumps([{"train": train[1:], "val": train[:1]}]))
+    command = [bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-p", PLANS,
+               "-tr", "nnUNetTrainerRFPrompt", "-device", "cpu"]
+    run_command(command, dict(stage1_workspace["env"], **STAGE1_BUDGET))
+    proc = run_command(command + ["--c"], dict(stage1_workspace["env"], **dict(STAGE1_BUDGET, RFMEDSAM2_NUM_EPOCHS="2")))
     assert "Epoch 1" in proc.stdout and "Epoch 0\n" not in proc.stdout
-    final = stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "fold_all" / "checkpoint_final.pth"
+    final = stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "fold_0" / "checkpoint_final.pth"
     assert torch.load(final, map_location="cpu", weights_only=False)["current_epoch"] == 2
