@@ -87,3 +87,34 @@ def test_settings_reject_invalid_values():
     with pytest.raises(SettingsError, match="model_size"):
         SAM2Settings(model_size="medium")
     assert SAM2Settings.from_plans({**SAM2Settings(image_size=128).to_plans(), "unrelated": 1}).image_size == 128
+
+
+def test_only_3d_fullres_feeds_the_refiner_not_the_stock_cascade_inheriting_from_it(planned_workspace):
+    """nnU-Net's 3d_cascade_fullres inherits from 3d_fullres: it must not inherit next_stage 3d_rfmedsam2 too,
+    or its trainings would export predictions for a stage they do not feed."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2_rfmedsam.planners.rfmedsam2_planner import add_rfmedsam2_stage
+
+    plans = load_plans(planned_workspace)
+    configurations = plans["configurations"]
+    del configurations["3d_rfmedsam2"], configurations["3d_fullres"]["next_stage"]
+    # what nnU-Net's planner writes for a dataset large enough for a low-resolution stage
+    configurations["3d_lowres"] = dict(configurations["3d_fullres"], next_stage="3d_cascade_fullres")
+    configurations["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    add_rfmedsam2_stage(plans, SAM2Settings(image_size=TEST_SAM2_IMAGE_SIZE))
+    manager = PlansManager(plans)
+    assert manager.get_configuration("3d_fullres").next_stage_names == ["3d_rfmedsam2"]
+    assert manager.get_configuration("3d_cascade_fullres").next_stage_names is None
+    assert manager.get_configuration("3d_cascade_fullres").previous_stage_name == "3d_lowres"
+    assert manager.get_configuration("3d_lowres").next_stage_names == ["3d_cascade_fullres"]
+
+
+@pytest.mark.parametrize("planner, plans_name", [
+    ("nnUNetPlannerRFMedSAM2", PLANS),
+    ("ExperimentPlanner", PLANS),  # the default planner's base: the same plans
+    ("nnUNetPlannerResEncM", "nnUNetResEncUNetMRFMedSAM2Plans"),
+    ("nnUNetPlannerResEncL", "nnUNetResEncUNetLRFMedSAM2Plans"),
+])
+def test_each_planner_writes_plans_of_its_own_name(planner, plans_name):
+    from nnunetv2_rfmedsam.cli.plan_and_preprocess import default_plans_name, resolve_planner_class
+    assert default_plans_name(resolve_planner_class(planner)) == plans_name

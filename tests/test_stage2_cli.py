@@ -1,5 +1,9 @@
 """Stage 2 and the cascade through the stock nnU-Net commands, on real hippocampus cases (tiny budget)."""
+import json
 import shutil
+
+import pytest
+import torch
 
 from conftest import (DATASET_ID, DATASET_NAME, PLANS, STAGE1_FOLDER, STAGE2_FOLD, STAGE2_FOLDER, assert_same_geometry,
                       bin_command, run_command, train_stage2)
@@ -41,22 +45,11 @@ def test_stage2_lists_cases_without_stage1_predictions(stage1_workspace, tiny_ch
     assert "stage-1 predictions missing" in proc.stderr and case in proc.stderr
 
 
-def test_stock_cascade_prediction_keeps_geometry(stage2_workspace, tmp_path):
-    env, raw = stage2_workspace["env"], stage2_workspace["raw"]
-    stage1_out, cascade_out = tmp_path / "stage1", tmp_path / "cascade"
-    common = ["-d", str(DATASET_ID), "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1"]
-    run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(stage1_out), "-c", "3d_fullres",
-                 "-tr", "nnUNetTrainerRFPrompt", "-f", "all", *common], env)
-    run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(cascade_out),
-                 "-c", "3d_rfmedsam2", "-tr", "nnUNetTrainerRFMedSAM2", "-f", STAGE2_FOLD,
-                 "-prev_stage_predictions", str(stage1_out), *common], env)
-    for case in stage2_workspace["test"]:
-        assert_same_geometry(raw / "imagesTs" / f"{case}_0000.nii.gz", cascade_out / f"{case}.nii.gz")
-
-
-def test_untrained_cascade_reproduces_stage1_voxel_for_voxel(stage2_workspace, tmp_path):
+def test_untrained_cascade_keeps_geometry_and_reproduces_stage1_voxel_for_voxel(stage2_workspace,
+                                                                               stage1_test_predictions, tmp_path):
     """At initialisation the refinement starts at its prompt: the stock cascade (default test-time mirroring)
-    writes stage 1's segmentation, voxel for voxel, whatever SAM 2's weights are (here: fresh random ones)."""
+    writes stage 1's segmentation, voxel for voxel, whatever SAM 2's weights are (here: fresh random ones), with
+    the input's geometry. (The held-out workflow test runs the stock cascade with a trained stage 2.)"""
     import numpy as np
     import SimpleITK as sitk
     import torch
@@ -76,18 +69,61 @@ def test_untrained_cascade_reproduces_stage1_voxel_for_voxel(stage2_workspace, t
     (model / "fold_4").mkdir(exist_ok=True)
     torch.save(checkpoint, model / "fold_4" / "checkpoint_final.pth")
 
-    stage1_out, cascade_out = tmp_path / "stage1", tmp_path / "cascade"
-    common = ["-d", str(DATASET_ID), "-p", PLANS, "-device", "cpu", "-npp", "1", "-nps", "1"]
-    run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(stage1_out), "-c", "3d_fullres",
-                 "-tr", "nnUNetTrainerRFPrompt", "-f", "all", *common], env)
+    stage1_out, cascade_out = stage1_test_predictions, tmp_path / "cascade"
     run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(cascade_out),
-                 "-c", "3d_rfmedsam2", "-tr", "nnUNetTrainerRFMedSAM2", "-f", "4",
-                 "-prev_stage_predictions", str(stage1_out), *common], env)
+                 "-d", str(DATASET_ID), "-p", PLANS, "-c", "3d_rfmedsam2", "-tr", "nnUNetTrainerRFMedSAM2", "-f", "4",
+                 "-prev_stage_predictions", str(stage1_out), "-device", "cpu", "-npp", "1", "-nps", "1"], env)
     shutil.rmtree(model / "fold_4")
     foreground = 0
     for case in stage2_workspace["test"]:
+        assert_same_geometry(raw / "imagesTs" / f"{case}_0000.nii.gz", cascade_out / f"{case}.nii.gz")
         stage1 = sitk.GetArrayFromImage(sitk.ReadImage(str(stage1_out / f"{case}.nii.gz")))
         cascade = sitk.GetArrayFromImage(sitk.ReadImage(str(cascade_out / f"{case}.nii.gz")))
         np.testing.assert_array_equal(cascade, stage1, err_msg=case)
         foreground += int((stage1 > 0).sum())
     assert foreground > 0, "stage 1 predicted nothing: the comparison would be vacuous"
+
+
+@pytest.fixture
+def in_process_trainer(stage2_workspace, monkeypatch):
+    """Builds nnUNetTrainerRFMedSAM2 of the workspace as nnUNetv2_train does (plans and dataset.json from the
+    preprocessed folder), in this process, for fold 3, whose folder is removed afterwards."""
+    from nnunetv2_rfmedsam.trainers import rfmedsam2_trainer
+    root = stage2_workspace["root"]
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # nnU-Net 2.8 reads them when used
+        monkeypatch.setenv(variable, stage2_workspace["env"][variable])
+    preprocessed = root / "preprocessed" / DATASET_NAME
+    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    # nnU-Net 2.8's get_trainer_from_args passes --c in the plans, and the trainer pops it
+    yield lambda: rfmedsam2_trainer.nnUNetTrainerRFMedSAM2(dict(plans, continue_training=False), "3d_rfmedsam2", 3,
+                                                           dataset_json, torch.device("cpu"))
+    shutil.rmtree(root / "results" / DATASET_NAME / STAGE2_FOLDER / "fold_3", ignore_errors=True)
+
+
+def test_pretrained_weights_are_kept_not_overwritten_by_sam2s_checkpoint(stage2_workspace, in_process_trainer,
+                                                                         tiny_checkpoint, monkeypatch, tmp_path):
+    """`nnUNetv2_train ... -pretrained_weights F` loads F after `initialize()`; training then starts. The decoder
+    heads F brings must survive the start, where SAM 2's checkpoint is loaded otherwise."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    monkeypatch.setenv("RFMEDSAM2_SAM2_CHECKPOINT", str(tiny_checkpoint))
+    head = "sam_mask_decoder.pred_obj_score_head.layers.0.weight"  # trains, and is part of SAM 2's checkpoint
+    official = torch.load(tiny_checkpoint, map_location="cpu", weights_only=False)["model"][head]
+    checkpoint = torch.load(stage2_workspace["root"] / "results" / DATASET_NAME / STAGE2_FOLDER /
+                            f"fold_{STAGE2_FOLD}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint["network_weights"][f"sam.{head}"] = official + 0.5  # unmistakably not SAM 2's
+    pretrained = tmp_path / "pretrained.pth"
+    torch.save(checkpoint, pretrained)
+
+    trainer = in_process_trainer()
+    trainer.initialize()
+    load_pretrained_weights(trainer.network, str(pretrained))
+    trainer.load_initial_weights()
+    torch.testing.assert_close(trainer.network_module.state_dict()[f"sam.{head}"], official + 0.5)
+    for key, value in checkpoint["network_weights"].items():
+        assert torch.equal(trainer.network_module.state_dict()[key], value), key
+
+    fresh = in_process_trainer()  # without -pretrained_weights, training starts from SAM 2's checkpoint
+    fresh.initialize()
+    fresh.load_initial_weights()
+    torch.testing.assert_close(fresh.network_module.state_dict()[f"sam.{head}"], official)

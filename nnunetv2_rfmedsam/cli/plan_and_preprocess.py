@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-preprocessor_name", default="DefaultPreprocessor", help="preprocessor class")
     parser.add_argument("-overwrite_target_spacing", nargs="+", default=None, help="3d_fullres target spacing")
     parser.add_argument("-overwrite_plans_name", default=None,
-                        help=f"plans identifier (default {PLANS_IDENTIFIER})")
+                        help=f"plans identifier (default {PLANS_IDENTIFIER} for {DEFAULT_PLANNER}; for another "
+                             f"planner its own default with RFMedSAM2 before 'Plans', e.g. nnUNetResEncUNetMRFMedSAM2Plans "
+                             f"for nnUNetPlannerResEncM, so that no planner overwrites another's plans)")
     parser.add_argument("-c", nargs="+", default=["2d", "3d_fullres", "3d_lowres"],
                         help="configurations to preprocess (default: 2d 3d_fullres 3d_lowres). "
                              f"{STAGE2_CONFIGURATION} reuses 3d_fullres's data")
@@ -125,7 +127,27 @@ def resolve_planner_class(name: str):
                                         current_module="nnunetv2.experiment_planning")
     if stock is None:
         raise SettingsError(f"-pl: {name!r} is neither {DEFAULT_PLANNER} nor a planner in nnunetv2.experiment_planning")
-    return type(f"{name}RFMedSAM2", (RFMedSAM2PlansMixin, stock), {})
+    return type(f"{name}RFMedSAM2", (RFMedSAM2PlansMixin, stock), {"stock_planner": stock})
+
+
+def default_plans_name(planner_class) -> str:
+    """The plans identifier a planner writes when -overwrite_plans_name is not given: ours for the default
+    planner, else the stock planner's own default with `RFMedSAM2` inserted before `Plans`."""
+    import inspect
+    from nnunetv2_rfmedsam.planners import nnUNetPlannerRFMedSAM2
+    if planner_class is nnUNetPlannerRFMedSAM2:
+        return PLANS_IDENTIFIER
+    stock = inspect.signature(planner_class.stock_planner.__init__).parameters["plans_name"].default
+    return stock[:-len("Plans")] + "RFMedSAM2Plans" if stock.endswith("Plans") else stock + "_RFMedSAM2"
+
+
+def check_raw_datasets(dataset_ids: list[int]) -> None:
+    """Refuse unsupported datasets (dataset_support.py) before any fingerprint or plan is written."""
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+    from nnunetv2_rfmedsam.dataset_support import check_raw_dataset_supported
+    for dataset_id in dataset_ids:
+        check_raw_dataset_supported(os.path.join(nnUNet_raw, convert_id_to_dataset_name(dataset_id), "dataset.json"))
 
 
 def configurations_to_preprocess(dataset_id: int, plans_identifier: str, configurations: list[str],
@@ -153,10 +175,12 @@ def configurations_to_preprocess(dataset_id: int, plans_identifier: str, configu
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from nnunetv2_rfmedsam.dataset_support import UnsupportedDataset
     try:
         settings = sam2_settings_from_args(args)
         planner_class = resolve_planner_class(args.pl)
-    except SettingsError as error:
+        check_raw_datasets(args.d)
+    except (SettingsError, UnsupportedDataset) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     if args.np is None:
@@ -176,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     extract_fingerprints(args.d, args.fpe, args.npfp, args.verify_dataset_integrity, args.clean, args.verbose,
                          show_progress_bar=not args.no_pbar)
     print(f"Experiment planning with {planner_class.__name__} ({settings})...")
-    plans_name = args.overwrite_plans_name or PLANS_IDENTIFIER
+    plans_name = args.overwrite_plans_name or default_plans_name(planner_class)
     planner = functools.partial(planner_class, sam2_settings=settings)
     for dataset_id in args.d:
         plan_experiment_dataset(dataset_id, planner, args.gpu_memory_target, args.preprocessor_name,

@@ -6,6 +6,7 @@ import dataclasses
 
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
+from nnunetv2_rfmedsam.dataset_support import check_dataset_supported
 from nnunetv2_rfmedsam.model.frames import intensity_windows_for
 from nnunetv2_rfmedsam.settings import (NETWORK_CLASS, PLANS_IDENTIFIER, STAGE1_CONFIGURATION,
                                         STAGE2_CONFIGURATION, SAM2Settings)
@@ -56,18 +57,31 @@ class RFMedSAM2PlansMixin:
     def __init__(self, *args, sam2_settings: SAM2Settings | None = None, plans_name: str = PLANS_IDENTIFIER,
                  **kwargs):
         super().__init__(*args, plans_name=plans_name, **kwargs)
+        check_dataset_supported(self.dataset_json, f"{self.raw_dataset_folder}/dataset.json")
         self.sam2_settings = sam2_settings if sam2_settings is not None else SAM2Settings()
 
     def save_plans(self, plans):
-        configurations = plans["configurations"]
-        if STAGE1_CONFIGURATION not in configurations:
-            raise RuntimeError(
-                f"{self.dataset_name}: nnU-Net planned no {STAGE1_CONFIGURATION} configuration (a 2D dataset?); "
-                f"RFMedSAM 2 needs it as its first stage")
-        configurations[STAGE2_CONFIGURATION] = rfmedsam2_configuration(
-            configurations[STAGE1_CONFIGURATION], self.sam2_settings, plans["foreground_intensity_properties_per_channel"])
-        configurations[STAGE1_CONFIGURATION]["next_stage"] = STAGE2_CONFIGURATION
+        add_rfmedsam2_stage(plans, self.sam2_settings)
         super().save_plans(plans)
+
+
+def add_rfmedsam2_stage(plans: dict, settings: SAM2Settings) -> None:
+    """Add `3d_rfmedsam2` as the next stage of `3d_fullres`, for `3d_fullres` alone.
+
+    nnU-Net's `3d_cascade_fullres` inherits from `3d_fullres` (`inherits_from`) and would inherit its
+    `next_stage` too: its trainings would export predictions for a stage they do not feed. It gets its own
+    `next_stage: None`."""
+    configurations = plans["configurations"]
+    if STAGE1_CONFIGURATION not in configurations:
+        raise RuntimeError(
+            f"{plans['dataset_name']}: nnU-Net planned no {STAGE1_CONFIGURATION} configuration (a 2D dataset?); "
+            f"RFMedSAM 2 needs it as its first stage")
+    configurations[STAGE2_CONFIGURATION] = rfmedsam2_configuration(
+        configurations[STAGE1_CONFIGURATION], settings, plans["foreground_intensity_properties_per_channel"])
+    configurations[STAGE1_CONFIGURATION]["next_stage"] = STAGE2_CONFIGURATION
+    for configuration in configurations.values():
+        if configuration.get("inherits_from") == STAGE1_CONFIGURATION and "next_stage" not in configuration:
+            configuration["next_stage"] = None
 
 
 class nnUNetPlannerRFMedSAM2(RFMedSAM2PlansMixin, ExperimentPlanner):

@@ -8,6 +8,7 @@ from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_rfmedsam.budget import EnvironmentBudgetMixin
+from nnunetv2_rfmedsam.dataset_support import SupportedDatasetMixin
 from nnunetv2_rfmedsam.model.sam2_checkpoint import SAM2CheckpointError
 from nnunetv2_rfmedsam.settings import OFFICIAL_CHECKPOINT_HINT, STAGE1_TRAINER, SAM2Settings
 from nnunetv2_rfmedsam.trainers.passes_loss import RefinementPassesLoss
@@ -21,7 +22,13 @@ class StageOnePredictionsMissing(FileNotFoundError):
     pass
 
 
-class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
+def weights_fingerprint(network: torch.nn.Module) -> tuple[float, ...]:
+    """One sum per floating-point tensor of the state dict: any load of other weights changes it."""
+    with torch.no_grad():
+        return tuple(float(t.float().sum()) for t in network.state_dict().values() if t.is_floating_point())
+
+
+class nnUNetTrainerRFMedSAM2(SupportedDatasetMixin, EnvironmentBudgetMixin, nnUNetTrainer):
     """Stage 2, the SAM 2 refiner: nnUNetTrainer, except
 
     - the network is the plans' `RFMedSAM2Network` (SAM 2 with adapters), built by the stock
@@ -30,7 +37,8 @@ class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
     - no deep supervision; every refinement pass is supervised instead;
     - stage-1 predictions come from nnUNetTrainerRFPrompt's `predicted_next_stage` folder;
     - test-time mirroring along one axis only;
-    - each training step hands the network its target, for the second pass's clicks at the first pass's errors.
+    - each training step hands the network its target, for the second pass's clicks at the first pass's errors;
+    - region-based datasets and more than three image channels are refused (dataset_support.py).
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -40,7 +48,7 @@ class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
         self.initial_lr = 3e-4
         self.weight_decay = 1e-2
         self.warmup_fraction = 0.05
-        if self.is_cascaded and nnUNet_results is not None:
+        if self.is_cascaded and nnUNet_results:  # 2.8.1: a lazy path object, false when unset
             # nnU-Net looks for the previous stage under this trainer's own name; stage 1 is another trainer
             self.folder_with_segs_from_previous_stage = join(
                 nnUNet_results, self.plans_manager.dataset_name,
@@ -84,12 +92,33 @@ class nnUNetTrainerRFMedSAM2(EnvironmentBudgetMixin, nnUNetTrainer):
         self.inference_allowed_mirroring_axes = (len(self.configuration_manager.patch_size) - 1,)
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
+    def initialize(self):
+        super().initialize()
+        self._weights_at_initialization = weights_fingerprint(self.network_module)
+
+    def weights_replaced_since_initialization(self) -> bool:
+        """True after nnUNetv2_train's `-pretrained_weights`, which loads its file between `initialize()` and
+        `on_train_start()` without telling the trainer."""
+        at_initialization = getattr(self, "_weights_at_initialization", None)
+        return at_initialization is not None and weights_fingerprint(self.network_module) != at_initialization
+
+    def load_initial_weights(self):
+        """SAM 2's official weights at the start of a training, unless -pretrained_weights brought its own (SAM 2's
+        checkpoint would overwrite their trained decoder heads). A resumed run (`--c`) has its weights from the
+        nnU-Net checkpoint and loads nothing."""
+        if self.current_epoch > 0:
+            return
+        if self.weights_replaced_since_initialization():
+            self.print_to_log_file("Kept the weights given with -pretrained_weights; SAM 2's checkpoint is not loaded "
+                                   "over them")
+        else:
+            self.load_sam2_weights()
+
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
         self.check_stage1_predictions()
-        if self.current_epoch == 0:  # a resumed run has its weights from the nnU-Net checkpoint
-            self.load_sam2_weights()
+        self.load_initial_weights()
         trainable, total = self.network_module.parameter_counts()
         self.print_to_log_file(f"RFMedSAM 2 parameters: {trainable:,} trainable of {total:,} "
                                f"({100 * trainable / total:.2f}%)")
