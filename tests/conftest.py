@@ -122,12 +122,14 @@ def stage1_workspace(planned_workspace):
 
 @pytest.fixture(scope="session")
 def stage1_test_predictions(stage1_workspace, tmp_path_factory):
-    """Stage 1's predictions of the held-out cases by the stock `nnUNetv2_predict` (default test-time mirroring)."""
+    """Stage 1's predictions of the held-out cases by the stock `nnUNetv2_predict`, without test-time mirroring
+    (its eight mirrored runs per case are stage 1's business, and the tests that use these predictions check
+    geometry, nnU-Net's Dice and what the cascade makes of them)."""
     out = tmp_path_factory.mktemp("stage1_predictions")
     raw = stage1_workspace["raw"]
     run_command([bin_command("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
                  "-c", "3d_fullres", "-p", PLANS, "-tr", "nnUNetTrainerRFPrompt", "-f", "all", "-device", "cpu",
-                 "-npp", "1", "-nps", "1"], stage1_workspace["env"])
+                 "-npp", "1", "-nps", "1", "--disable_tta"], stage1_workspace["env"])
     return out
 
 

@@ -49,16 +49,18 @@ def test_stock_predict_keeps_geometry_and_evaluate_folder_runs(stage1_workspace,
                 assert abs(ours[(case, label)] - values["Dice"]) < 1e-4, (case, label)
 
 
-def test_interrupted_training_resumes_with_continue_flag(stage1_workspace):
+def test_interrupted_training_resumes_with_continue_flag(planned_workspace):
     """`--c` picks up the last checkpoint and trains only the missing epochs. Fold 0 of a split with one
-    validation case: each run ends with nnU-Net's final validation, which over fold `all` predicts every case."""
-    train = stage1_workspace["train"]
-    splits = stage1_workspace["root"] / "preprocessed" / DATASET_NAME / "splits_final.json"
+    validation case: each run ends with nnU-Net's final validation, which over fold `all` predicts every case.
+    From the planned workspace, not the trained one: this test can run beside the trained workspace's tests."""
+    workspace = planned_workspace
+    train = workspace["train"]
+    splits = workspace["root"] / "preprocessed" / DATASET_NAME / "splits_final.json"
     splits.write_text(json.dumps([{"train": train[1:], "val": train[:1]}]))
     command = [bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-p", PLANS,
                "-tr", "nnUNetTrainerRFPrompt", "-device", "cpu"]
-    run_command(command, dict(stage1_workspace["env"], **STAGE1_BUDGET))
-    proc = run_command(command + ["--c"], dict(stage1_workspace["env"], **dict(STAGE1_BUDGET, RFMEDSAM2_NUM_EPOCHS="2")))
+    run_command(command, dict(workspace["env"], **STAGE1_BUDGET))
+    proc = run_command(command + ["--c"], dict(workspace["env"], **dict(STAGE1_BUDGET, RFMEDSAM2_NUM_EPOCHS="2")))
     assert "Epoch 1" in proc.stdout and "Epoch 0\n" not in proc.stdout
-    final = stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "fold_0" / "checkpoint_final.pth"
+    final = workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "fold_0" / "checkpoint_final.pth"
     assert torch.load(final, map_location="cpu", weights_only=False)["current_epoch"] == 2

@@ -24,25 +24,44 @@ def test_stage2_refuses_a_missing_checkpoint_naming_the_file(stage1_workspace, t
     assert str(missing) in proc.stderr + proc.stdout
 
 
-def test_stage2_without_checkpoint_says_how_to_get_one(stage1_workspace):
-    proc = train_stage2(stage1_workspace, {"RFMEDSAM2_SAM2_CHECKPOINT": "", "RFMEDSAM2_ALLOW_RANDOM_INIT": ""},
-                        expect_success=False)
-    assert proc.returncode != 0
-    output = proc.stderr + proc.stdout
-    assert "RFMEDSAM2_SAM2_CHECKPOINT is not set" in output and "sam2.1_hiera_tiny.pt" in output
+@pytest.fixture
+def in_process_trainer(stage1_workspace, monkeypatch):
+    """Builds nnUNetTrainerRFMedSAM2 of the workspace as nnUNetv2_train does (plans and dataset.json from the
+    preprocessed folder), in this process, for fold 3, whose folder is removed afterwards."""
+    from nnunetv2_rfmedsam.trainers import rfmedsam2_trainer
+    root = stage1_workspace["root"]
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # nnU-Net 2.8 reads them when used
+        monkeypatch.setenv(variable, stage1_workspace["env"][variable])
+    preprocessed = root / "preprocessed" / DATASET_NAME
+    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    # nnU-Net 2.8's get_trainer_from_args passes --c in the plans, and the trainer pops it
+    yield lambda: rfmedsam2_trainer.nnUNetTrainerRFMedSAM2(dict(plans, continue_training=False), "3d_rfmedsam2", 3,
+                                                           dataset_json, torch.device("cpu"))
+    shutil.rmtree(root / "results" / DATASET_NAME / STAGE2_FOLDER / "fold_3", ignore_errors=True)
 
 
-def test_stage2_lists_cases_without_stage1_predictions(stage1_workspace, tiny_checkpoint, tmp_path):
+def test_stage2_without_checkpoint_says_how_to_get_one(in_process_trainer, monkeypatch):
+    from nnunetv2_rfmedsam.model.sam2_checkpoint import SAM2CheckpointError
+    monkeypatch.delenv("RFMEDSAM2_SAM2_CHECKPOINT", raising=False)
+    monkeypatch.delenv("RFMEDSAM2_ALLOW_RANDOM_INIT", raising=False)
+    trainer = in_process_trainer()
+    trainer.initialize()
+    with pytest.raises(SAM2CheckpointError, match="RFMEDSAM2_SAM2_CHECKPOINT is not set.*sam2.1_hiera_tiny.pt"):
+        trainer.load_initial_weights()
+
+
+def test_stage2_lists_cases_without_stage1_predictions(stage1_workspace, in_process_trainer, tmp_path):
+    from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import StageOnePredictionsMissing
     folder = stage1_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "predicted_next_stage" / "3d_rfmedsam2"
     case = stage1_workspace["train"][0]
     moved = [shutil.move(str(p), tmp_path / p.name) for p in folder.glob(f"{case}.*")]
     try:
-        proc = train_stage2(stage1_workspace, {"RFMEDSAM2_SAM2_CHECKPOINT": str(tiny_checkpoint)}, expect_success=False)
+        with pytest.raises(StageOnePredictionsMissing, match=f"stage-1 predictions missing in {folder} .*{case}"):
+            in_process_trainer().check_stage1_predictions()
     finally:
         for path in moved:
             shutil.move(path, folder / path.name)
-    assert proc.returncode != 0
-    assert "stage-1 predictions missing" in proc.stderr and case in proc.stderr
 
 
 def test_untrained_cascade_keeps_geometry_and_reproduces_stage1_voxel_for_voxel(stage2_workspace,
@@ -82,23 +101,6 @@ def test_untrained_cascade_keeps_geometry_and_reproduces_stage1_voxel_for_voxel(
         np.testing.assert_array_equal(cascade, stage1, err_msg=case)
         foreground += int((stage1 > 0).sum())
     assert foreground > 0, "stage 1 predicted nothing: the comparison would be vacuous"
-
-
-@pytest.fixture
-def in_process_trainer(stage2_workspace, monkeypatch):
-    """Builds nnUNetTrainerRFMedSAM2 of the workspace as nnUNetv2_train does (plans and dataset.json from the
-    preprocessed folder), in this process, for fold 3, whose folder is removed afterwards."""
-    from nnunetv2_rfmedsam.trainers import rfmedsam2_trainer
-    root = stage2_workspace["root"]
-    for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # nnU-Net 2.8 reads them when used
-        monkeypatch.setenv(variable, stage2_workspace["env"][variable])
-    preprocessed = root / "preprocessed" / DATASET_NAME
-    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
-    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
-    # nnU-Net 2.8's get_trainer_from_args passes --c in the plans, and the trainer pops it
-    yield lambda: rfmedsam2_trainer.nnUNetTrainerRFMedSAM2(dict(plans, continue_training=False), "3d_rfmedsam2", 3,
-                                                           dataset_json, torch.device("cpu"))
-    shutil.rmtree(root / "results" / DATASET_NAME / STAGE2_FOLDER / "fold_3", ignore_errors=True)
 
 
 def test_pretrained_weights_are_kept_not_overwritten_by_sam2s_checkpoint(stage2_workspace, in_process_trainer,

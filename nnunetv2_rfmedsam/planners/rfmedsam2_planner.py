@@ -57,7 +57,8 @@ class RFMedSAM2PlansMixin:
     def __init__(self, *args, sam2_settings: SAM2Settings | None = None, plans_name: str = PLANS_IDENTIFIER,
                  **kwargs):
         super().__init__(*args, plans_name=plans_name, **kwargs)
-        check_dataset_supported(self.dataset_json, f"{self.raw_dataset_folder}/dataset.json")
+        if getattr(self, "dataset_json", None) is not None:  # nnU-Net's planners read it in __init__
+            check_dataset_supported(self.dataset_json, f"{self.raw_dataset_folder}/dataset.json")
         self.sam2_settings = sam2_settings if sam2_settings is not None else SAM2Settings()
 
     def save_plans(self, plans):
