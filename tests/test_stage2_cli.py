@@ -129,3 +129,31 @@ def test_pretrained_weights_are_kept_not_overwritten_by_sam2s_checkpoint(stage2_
     fresh.initialize()
     fresh.load_initial_weights()
     torch.testing.assert_close(fresh.network_module.state_dict()[f"sam.{head}"], official)
+
+
+def test_inference_commands_predict_stage1_then_the_cascade_with_the_trained_folds(stage2_workspace, monkeypatch,
+                                                                                   capsys):
+    from nnunetv2_rfmedsam.cli import inference_commands
+    monkeypatch.setenv("nnUNet_results", stage2_workspace["env"]["nnUNet_results"])
+    monkeypatch.setenv("nnUNet_raw", stage2_workspace["env"]["nnUNet_raw"])
+    inference_commands.main(["-d", str(DATASET_ID), "-i", "IN", "-o", "OUT"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"nnUNetv2_predict -i IN -o OUT/stage1 -d {DATASET_ID} -p {PLANS} -c 3d_fullres -tr nnUNetTrainerRFPrompt "
+        f"-f all",
+        f"nnUNetv2_predict -i IN -o OUT/cascade -d {DATASET_ID} -p {PLANS} -c 3d_rfmedsam2 -tr nnUNetTrainerRFMedSAM2 "
+        f"-f {STAGE2_FOLD} -prev_stage_predictions OUT/stage1"]
+
+
+def test_inference_commands_prefer_the_five_folds_and_name_a_stage_without_any(tmp_path):
+    from nnunetv2_rfmedsam.cli.inference_commands import NoTrainedFolds, inference_commands, trained_folds
+    model = tmp_path / "model"
+    for fold in ("all", "0", "1", "2", "3"):
+        (model / f"fold_{fold}").mkdir(parents=True)
+        (model / f"fold_{fold}" / "checkpoint_final.pth").touch()
+    (model / "fold_4").mkdir()
+    (model / "fold_4" / "checkpoint_latest.pth").touch()  # still training
+    assert trained_folds(model) == ["all"]
+    (model / "fold_4" / "checkpoint_final.pth").touch()
+    assert trained_folds(model) == ["0", "1", "2", "3", "4"]
+    with pytest.raises(NoTrainedFolds, match=f"{tmp_path}/Dataset004_X/nnUNetTrainerRFPrompt__.*: no fold"):
+        inference_commands(tmp_path, "Dataset004_X", 4, PLANS, "IN", "OUT")
