@@ -82,9 +82,10 @@ def loaded_network(tiny_checkpoint) -> RFMedSAM2Network:
 
 
 def variant(network: RFMedSAM2Network, **changes) -> RFMedSAM2Network:
-    """A network with other settings and the same weights."""
+    """A network with other settings and the same weights (without memory, the memory-attention adapters are not
+    there: every other weight must be)."""
     other = make_network(**changes)
-    other.load_state_dict(network.state_dict())
+    other.load_state_dict({k: v for k, v in network.state_dict().items() if k in other.state_dict()})
     return other
 
 

@@ -7,7 +7,10 @@ Placement (each adapter starts as the identity, so an adapted model first comput
   time; the global-attention blocks give it the whole feature map.
 - FPN neck: a CNNAdapter after each lateral convolution (`FpnNeck.convs`).
 - Memory attention: a DWConvAdapter after the self-attention and after the cross-attention to memories of
-  every layer; both outputs are the current slice's S/16 x S/16 feature grid.
+  every layer; both outputs are the current slice's S/16 x S/16 feature grid. Only where training runs memory
+  attention (`memory_attention=False` otherwise: memory off, or one slice per patch, whose slice is a
+  conditioning frame without memories): an adapter that gets no gradient stops DDP at its second step, and an
+  untrained one would be the identity anyway.
 - Mask decoder: a DWConvAdapter after `cross_attn_image_to_token` of each two-way block, whose output is the
   S/16 x S/16 image-token grid. The block's other two attentions (self-attention of the prompt tokens, and
   tokens-to-image) output the handful of sparse prompt/output tokens, which have no spatial layout for a
@@ -101,7 +104,7 @@ def _attach_after(attention: nn.Module, adapter: DWConvAdapter) -> DWConvAdapter
     return adapter
 
 
-def inject_adapters(sam_model: SAM2Base, width: int) -> list[nn.Module]:
+def inject_adapters(sam_model: SAM2Base, width: int, memory_attention: bool = True) -> list[nn.Module]:
     """Add RFMedSAM 2's adapters to `sam_model` in place (see the module docstring); returns them."""
     adapters = []
     for block in sam_model.image_encoder.trunk.blocks:
@@ -114,7 +117,7 @@ def inject_adapters(sam_model: SAM2Base, width: int) -> list[nn.Module]:
         adapters.append(adapter)
 
     grid = (sam_model.sam_image_embedding_size, sam_model.sam_image_embedding_size)
-    for layer in sam_model.memory_attention.layers:
+    for layer in sam_model.memory_attention.layers if memory_attention else ():
         adapters.append(_attach_after(layer.self_attn, DWConvAdapter(layer.d_model, width, grid)))
         adapters.append(_attach_after(layer.cross_attn_image, DWConvAdapter(layer.d_model, width, grid)))
 

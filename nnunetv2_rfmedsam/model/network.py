@@ -77,7 +77,8 @@ class RFMedSAM2Network(nn.Module):
                              f"input_channels={input_channels} (image channels + one mask per foreground class) "
                              f"and num_classes={num_classes} (background + foreground classes)")
         self.sam = build_sam2_model(self.settings.model_size, self.settings.image_size)
-        inject_adapters(self.sam, self.settings.adapter_width)
+        trains_memory_attention = self.settings.use_memory and self.settings.slices_per_patch > 1
+        inject_adapters(self.sam, self.settings.adapter_width, memory_attention=trains_memory_attention)
         freeze_for_finetuning(self.sam, train_object_score=self.settings.presence_loss_weight > 0)
         if self.settings.start_at_prompt:
             self.prompt_gates = nn.Parameter(torch.zeros(self.settings.refinement_passes, self.num_foreground_classes))
