@@ -537,3 +537,13 @@ def test_box_jitter_is_capped_at_sam2s_bound():
     shift = (jittered - boxes).abs()
     assert shift.max() <= 20 + 1e-4 and shift.max() > 15  # 0.5 of a 512 side would be 256
     assert BOX_NOISE_BOUND * 1024 == 20
+
+
+def test_no_memory_networks_load_checkpoints_that_carry_memory_adapters():
+    """Earlier no-memory checkpoints carry untrained memory-attention adapters; they load, other extras do not."""
+    with_adapters = make_network().state_dict()
+    assert any(k.startswith("sam.memory_attention.") and ".adapter." in k for k in with_adapters)
+    without_memory = make_network(use_memory=False)
+    without_memory.load_state_dict(with_adapters)
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        without_memory.load_state_dict(dict(with_adapters, **{"sam.unknown.weight": torch.zeros(1)}))

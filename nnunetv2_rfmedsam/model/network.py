@@ -107,6 +107,14 @@ class RFMedSAM2Network(nn.Module):
         foreground class (nnU-Net's consecutive labels): pass 2's clicks are sampled from pass 1's errors."""
         self._click_targets = target
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # Stage-2 checkpoints written before the memory-attention adapters were left out where training cannot
+        # reach them (no memory, one slice per patch) carry them at their identity start: dropping them is exact.
+        own = self.state_dict().keys()
+        state_dict = {key: value for key, value in state_dict.items()
+                      if key in own or not (key.startswith("sam.memory_attention.") and ".adapter." in key)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def load_sam2_checkpoint(self, path) -> None:
         """Load an official SAM 2.1 checkpoint of the planned model size (adapters keep their values)."""
         load_sam2_checkpoint(self.sam, path, self.settings.model_size)
