@@ -252,7 +252,7 @@ def print_figure_locations(compare_dir: Path) -> None:
     """Where the compare command's pictures are: the plots and the contour figures of the cases to look at."""
     contours = sorted(compare_dir.glob("contours_*.png"))
     print(f"plots: {compare_dir / 'dice_per_class.png'}, {compare_dir / 'paired_cases.png'}")
-    print(f"contours of the cases to look at (largest loss, largest gain, median case; linked from report.md): "
+    print("contours of the cases to look at (largest loss, largest gain, median case; linked from report.md): "
           + ", ".join(str(path) for path in contours))
 
 

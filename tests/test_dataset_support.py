@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 
-from conftest import bin_command, run_command
 from nnunetv2_rfmedsam import check_nnunet_version
 from nnunetv2_rfmedsam.dataset_support import UnsupportedDataset, check_dataset_supported
 from nnunetv2_rfmedsam.raw_dataset import write_raw_dataset
@@ -50,16 +49,21 @@ def test_the_baseline_trainer_stays_stock_nnunet():
     assert not any(base.__name__ == "SupportedDatasetMixin" for base in nnUNetTrainerBudget.__mro__)
 
 
-def test_planning_refuses_a_region_dataset_before_writing_anything(nnunet_workspace, hippocampus_cases, tmp_path):
+def test_planning_refuses_a_region_dataset_before_writing_anything(hippocampus_cases, tmp_path, monkeypatch, capsys):
+    from nnunetv2_rfmedsam.cli import plan_and_preprocess
     source, train, _ = hippocampus_cases
     raw = write_raw_dataset(source, tmp_path / "raw" / "Dataset005_Regions", train[:2])
     (raw / "dataset.json").write_text(json.dumps(dataset_json(REGION_LABELS, regions_class_order=[1, 2])))
-    env = dict(nnunet_workspace["env"], nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"))
-    proc = run_command([bin_command("nnUNetv2_rfmedsam_plan_and_preprocess"), "-d", "5", "-c", "3d_fullres",
-                        "-np", "1", "-npfp", "1"], env, expect_success=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"nnUNetv2_rfmedsam_plan_and_preprocess: error: "
-                                                           f"{raw / 'dataset.json'}: region-based labels")
+    # the command's own entry point, in this process: nnU-Net 2.8 reads its folders from the environment when used
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    with pytest.raises(SystemExit) as exited:
+        plan_and_preprocess.main(["-d", "5", "-c", "3d_fullres", "-np", "1", "-npfp", "1"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"nnUNetv2_rfmedsam_plan_and_preprocess: error: {raw / 'dataset.json'}: region-based labels "
+        f"(regions_class_order / labels that list several values) are not supported by RFMedSAM 2, which refines one "
+        f"softmax class per label; give each structure its own label value, or train this dataset with stock nnU-Net"]
     assert not (tmp_path / "pre").exists()
 
 

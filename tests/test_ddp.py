@@ -15,10 +15,10 @@ from conftest import TEST_SAM2_IMAGE_SIZE
 from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases
 
 VARIANTS = {  # name: (plans settings, slices per patch)
-    "default": ({}, 4),
-    "no memory": ({"use_memory": False}, 4),
+    "default": ({}, 2),  # the second slice runs memory attention
+    "no memory": ({"use_memory": False}, 2),
     "one slice per patch": ({"slices_per_patch": 1}, 1),
-    "plain refiner, no presence loss": ({"start_at_prompt": False, "presence_loss_weight": 0.0}, 4),
+    "plain refiner, no presence loss": ({"start_at_prompt": False, "presence_loss_weight": 0.0}, 2),
 }
 
 

@@ -331,30 +331,30 @@ def test_start_box_is_the_truth_box_on_the_largest_slice():
 
 
 @pytest.fixture(scope="module")
-def two_cases(stage2_workspace, tmp_path_factory):
-    """Two real training cases in their own folders, and stage 1's predictions of them (its fold-`all`
-    validation writes them in the original geometry)."""
+def click_cases(stage2_workspace, tmp_path_factory):
+    """A real training case in a folder of its own, and stage 1's prediction of it (its fold-`all` validation
+    writes them in the original geometry)."""
     root, raw = tmp_path_factory.mktemp("click_cases"), stage2_workspace["raw"]
     (root / "images").mkdir()
     (root / "labels").mkdir()
-    for name in stage2_workspace["train"][:2]:
+    for name in stage2_workspace["train"][:1]:
         shutil.copy(raw / "imagesTr" / f"{name}_0000.nii.gz", root / "images")
         shutil.copy(raw / "labelsTr" / f"{name}.nii.gz", root / "labels")
     stage1 = stage2_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "fold_all" / "validation"
     return {"images": root / "images", "labels": root / "labels", "stage1": stage1,
-            "names": stage2_workspace["train"][:2]}
+            "names": stage2_workspace["train"][:1]}
 
 
 @pytest.mark.parametrize("start", ["box", "stage1"])
-def test_click_evaluation_writes_dice_by_clicks(model_dir, two_cases, tmp_path, start, capsys):
+def test_click_evaluation_writes_dice_by_clicks(model_dir, click_cases, tmp_path, start, capsys):
     output = tmp_path / "clicks"
-    extra = ["--prev_stage_predictions", str(two_cases["stage1"])] if start == "stage1" else []
-    click_eval.main(["-m", str(model_dir), "-f", STAGE2_FOLD, "-i", str(two_cases["images"]),
-                     "--gt", str(two_cases["labels"]), "--start", start, "--clicks", "2", "-o", str(output), *extra])
+    extra = ["--prev_stage_predictions", str(click_cases["stage1"])] if start == "stage1" else []
+    click_eval.main(["-m", str(model_dir), "-f", STAGE2_FOLD, "-i", str(click_cases["images"]),
+                     "--gt", str(click_cases["labels"]), "--start", start, "--clicks", "2", "-o", str(output), *extra])
     assert "mean Dice by clicks: 0:" in capsys.readouterr().out
     summary = json.loads((output / "clicks.json").read_text())
     assert list(summary["mean_dice_by_clicks"]) == ["0", "1", "2"]
-    assert set(summary["cases"]) == set(two_cases["names"])
+    assert set(summary["cases"]) == set(click_cases["names"])
     for per_class in summary["cases"].values():
         assert set(per_class) == {"1", "2"}
         assert all(len(curve) == 3 and all(0 <= d <= 1 for d in curve) for curve in per_class.values())
@@ -367,26 +367,26 @@ def test_click_evaluation_writes_dice_by_clicks(model_dir, two_cases, tmp_path, 
     assert sorted(p.name for p in output.iterdir()) == ["clicks.json", "dice_vs_clicks.png"]
 
 
-def test_click_evaluation_from_stage1_needs_its_predictions(model_dir, two_cases, tmp_path, capsys):
+def test_click_evaluation_from_stage1_needs_its_predictions(model_dir, click_cases, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        click_eval.main(["-m", str(model_dir), "-f", STAGE2_FOLD, "-i", str(two_cases["images"]),
-                         "--gt", str(two_cases["labels"]), "--start", "stage1", "--clicks", "1",
+        click_eval.main(["-m", str(model_dir), "-f", STAGE2_FOLD, "-i", str(click_cases["images"]),
+                         "--gt", str(click_cases["labels"]), "--start", "stage1", "--clicks", "1",
                          "-o", str(tmp_path / "out")])
     assert exit_.value.code == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: --start stage1 needs --prev_stage_predictions") and stderr.count("\n") == 1
 
 
-def test_click_evaluation_refuses_a_corrupt_stage1_prediction(model_dir, two_cases, tmp_path, capsys):
+def test_click_evaluation_refuses_a_corrupt_stage1_prediction(model_dir, click_cases, tmp_path, capsys):
     predictions = tmp_path / "stage1"
     predictions.mkdir()
-    for name in two_cases["names"]:
-        shutil.copy(two_cases["stage1"] / f"{name}.nii.gz", predictions)
-    corrupt = predictions / f"{two_cases['names'][0]}.nii.gz"
+    for name in click_cases["names"]:
+        shutil.copy(click_cases["stage1"] / f"{name}.nii.gz", predictions)
+    corrupt = predictions / f"{click_cases['names'][0]}.nii.gz"
     corrupt.write_bytes(b"not a NIfTI file")
     with pytest.raises(SystemExit) as exit_:
-        click_eval.main(["-m", str(model_dir), "-f", STAGE2_FOLD, "-i", str(two_cases["images"]),
-                         "--gt", str(two_cases["labels"]), "--start", "stage1", "--prev_stage_predictions",
+        click_eval.main(["-m", str(model_dir), "-f", STAGE2_FOLD, "-i", str(click_cases["images"]),
+                         "--gt", str(click_cases["labels"]), "--start", "stage1", "--prev_stage_predictions",
                          str(predictions), "--clicks", "1", "-o", str(tmp_path / "out")])
     assert exit_.value.code == 2
     stderr = capsys.readouterr().err

@@ -62,23 +62,28 @@ def test_sam2_cli_options_reach_the_plans(nnunet_workspace, tmp_path):
     ("--sam2-model", "huge", "tiny, small, base_plus, large"),
     ("--sam2-passes", "3", "allowed: 1, 2"),
 ])
-def test_bad_sam2_options_are_refused_before_anything_is_written(nnunet_workspace, tmp_path, option, value, expected):
-    env = dict(nnunet_workspace["env"], nnUNet_preprocessed=str(tmp_path / "pre"))
-    proc = run_command([bin_command("nnUNetv2_rfmedsam_plan_and_preprocess"), "-d", str(DATASET_ID), option, value],
-                       env, expect_success=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
+def test_bad_sam2_options_are_refused_before_anything_is_written(nnunet_workspace, tmp_path, monkeypatch, capsys,
+                                                                option, value, expected):
+    from nnunetv2_rfmedsam.cli import plan_and_preprocess
+    # the command's own entry point, in this process: nnU-Net 2.8 reads its folders from the environment when used
+    monkeypatch.setenv("nnUNet_raw", nnunet_workspace["env"]["nnUNet_raw"])
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    with pytest.raises(SystemExit) as exited:
+        plan_and_preprocess.main(["-d", str(DATASET_ID), option, value])
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
     assert option in lines[0] and expected in lines[0]
     assert not (tmp_path / "pre").exists()
 
 
-def test_unknown_dataset_gives_nnunets_own_error(nnunet_workspace, tmp_path):
-    env = dict(nnunet_workspace["env"], nnUNet_preprocessed=str(tmp_path / "pre"))
-    proc = run_command([bin_command("nnUNetv2_rfmedsam_plan_and_preprocess"), "-d", "999"], env,
-                       expect_success=False)
-    assert proc.returncode != 0
-    assert "999" in proc.stderr and "RuntimeError" in proc.stderr
+def test_unknown_dataset_gives_nnunets_own_error(nnunet_workspace, tmp_path, monkeypatch):
+    from nnunetv2_rfmedsam.cli import plan_and_preprocess
+    monkeypatch.setenv("nnUNet_raw", nnunet_workspace["env"]["nnUNet_raw"])
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    with pytest.raises(RuntimeError, match="999"):
+        plan_and_preprocess.main(["-d", "999"])
+    assert not (tmp_path / "pre").exists()
 
 
 def test_settings_reject_invalid_values():

@@ -166,7 +166,7 @@ class RFMedSAM2Network(nn.Module):
         slices are encoded together; in prediction SLICES_PER_ENCODER_CALL at a time, so a volume's features
         never exist at once and memory grows with one slice and the memory bank, not with the volume."""
         batch, _, depth, height, width = x.shape
-        size, passes = self.settings.image_size, self.settings.refinement_passes
+        passes = self.settings.refinement_passes
         click_targets = self._object_click_targets(x)
         stage1 = x[:, self.image_channels:]
         objects = stage1.reshape(-1, depth, height, width)  # one object per (batch item, class)
