@@ -27,8 +27,13 @@ DATASET_NAME = "Dataset004_Hippocampus"
 PLANS = "nnUNetRFMedSAM2Plans"
 # tiny budgets: the tests check that the commands work together, not that the networks are good
 TEST_SAM2_IMAGE_SIZE = 64
-STAGE1_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "2", "RFMEDSAM2_VAL_ITERS": "1"}
-STAGE2_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "1", "RFMEDSAM2_VAL_ITERS": "1"}
+# Augmentation in the training process: a worker process would import torch and nnU-Net (~9 s of CPU) for the
+# two or three batches of these budgets. Training only: nnU-Net's planning calls torch.set_num_threads(0) with 0.
+IN_PROCESS_AUGMENTATION = {"nnUNet_n_proc_DA": "0"}
+STAGE1_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "2", "RFMEDSAM2_VAL_ITERS": "1",
+                 **IN_PROCESS_AUGMENTATION}
+STAGE2_BUDGET = {"RFMEDSAM2_NUM_EPOCHS": "1", "RFMEDSAM2_ITERS_PER_EPOCH": "1", "RFMEDSAM2_VAL_ITERS": "1",
+                 **IN_PROCESS_AUGMENTATION}
 STAGE1_FOLDER = f"nnUNetTrainerRFPrompt__{PLANS}__3d_fullres"
 STAGE2_FOLDER = f"nnUNetTrainerRFMedSAM2__{PLANS}__3d_rfmedsam2"
 # stage 2 trains fold 0 of a split with 1 validation case: the final validation of fold `all` would run
@@ -94,8 +99,9 @@ def nnunet_workspace(tmp_path_factory, hippocampus_cases):
     env.update({
         "nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "preprocessed"),
         "nnUNet_results": str(root / "results"), "nnUNet_n_proc_DA": "1", "nnUNet_compile": "f",
-        # nnU-Net's export pools default to 8 processes: on a 2-core machine they starve the predictor
-        "nnUNet_def_n_proc": str(os.cpu_count()),
+        # nnU-Net's export pools default to 8 processes, each importing torch and nnU-Net: the few cases of these
+        # tests are exported by one
+        "nnUNet_def_n_proc": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     })
     ext = run_command([bin_command("nnUNetv2_rfmedsam_ext_path")], env).stdout.strip()
