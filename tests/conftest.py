@@ -1,8 +1,9 @@
 """Shared fixtures: an nnU-Net workspace on real hippocampus cases, planned once, stage 1 and stage 2 trained once,
 stage 1's predictions of the held-out cases written once.
 
-The stock nnU-Net commands read their folders from environment variables when they are imported, so the
-end-to-end tests run them as subprocesses with an environment of their own.
+The end-to-end tests run the stock nnU-Net commands as subprocesses with an environment of their own (nnU-Net's
+folders come from environment variables); tests that build a trainer or call a command's entry point in this
+process set those variables with monkeypatch (nnU-Net 2.8 reads them when it uses them).
 """
 from __future__ import annotations
 
