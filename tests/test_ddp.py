@@ -4,6 +4,9 @@ trainable parameter got no gradient in the first, so every trainable parameter m
 whatever the settings."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -11,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import TEST_SAM2_IMAGE_SIZE
+from conftest import DATASET_NAME, PLANS, TEST_SAM2_IMAGE_SIZE
 from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases
 
 VARIANTS = {  # name: (plans settings, slices per patch)
@@ -72,3 +75,36 @@ def ddp_training_steps(rank: int, world_size: int, init_file: str, variants: lis
 @pytest.mark.parametrize("variants", [list(VARIANTS)], ids=["all settings"])
 def test_ddp_trains_every_setting_for_two_steps(tmp_path, variants):
     mp.spawn(ddp_training_steps, args=(2, str(tmp_path / "rendezvous"), variants), nprocs=2, join=True)
+
+
+def stage2_batch_per_process(rank: int, world_size: int, init_file: str, preprocessed: str, results: str) -> None:
+    from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import nnUNetTrainerRFMedSAM2
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        plans = json.loads((Path(preprocessed) / f"{PLANS}.json").read_text())
+        dataset_json = json.loads((Path(preprocessed) / "dataset.json").read_text())
+        # as nnUNetv2_train -num_gpus builds it in each process (get_trainer_from_args)
+        trainer = nnUNetTrainerRFMedSAM2(dict(plans, continue_training=False), "3d_rfmedsam2", 0, dataset_json,
+                                         torch.device("cpu"))
+        trainer._set_batch_size_and_oversample()  # what initialize() does first
+        sizes = [None] * world_size
+        dist.all_gather_object(sizes, trainer.batch_size)
+        if rank == 0:
+            Path(results).write_text(json.dumps(sizes))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_three_processes_get_a_stage2_patch_each(planned_workspace, tmp_path, monkeypatch):
+    """nnU-Net refuses a DDP run with fewer patches per batch than GPUs; stage 2 plans 2."""
+    plans = json.loads((planned_workspace["root"] / "preprocessed" / DATASET_NAME / f"{PLANS}.json").read_text())
+    assert plans["configurations"]["3d_rfmedsam2"]["batch_size"] == 2
+    for variable in ("nnUNet_raw", "nnUNet_preprocessed"):  # the spawned processes inherit them
+        monkeypatch.setenv(variable, planned_workspace["env"][variable])
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    sizes = tmp_path / "sizes.json"
+    mp.spawn(stage2_batch_per_process, args=(3, str(tmp_path / "rendezvous"),
+                                             str(planned_workspace["root"] / "preprocessed" / DATASET_NAME),
+                                             str(sizes)), nprocs=3, join=True)
+    assert json.loads(sizes.read_text()) == [1, 1, 1]

@@ -2,6 +2,7 @@ import os
 from os.path import join
 
 import torch
+import torch.distributed as dist
 from torch._dynamo import OptimizedModule
 
 from nnunetv2.paths import nnUNet_results
@@ -63,6 +64,15 @@ class nnUNetTrainerRFMedSAM2(SupportedDatasetMixin, EnvironmentBudgetMixin, nnUN
     def _do_i_compile(self):
         # the per-slice loop over SAM 2 frames recompiles for every patch shape: compile only when asked for
         return super()._do_i_compile() and os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
+
+    def _set_batch_size_and_oversample(self):
+        # nnU-Net splits the planned batch over the GPUs and refuses fewer patches than GPUs; stage 2 plans 2 (SAM 2
+        # runs once per slice and object), so -num_gpus 3 or more gets one patch per GPU instead of an assertion
+        if self.is_ddp and self.configuration_manager.batch_size < dist.get_world_size():
+            self.print_to_log_file(f"Stage-2 batch size {self.configuration_manager.batch_size} raised to "
+                                   f"{dist.get_world_size()}: one patch per GPU")
+            self.configuration_manager.configuration["batch_size"] = dist.get_world_size()
+        super()._set_batch_size_and_oversample()
 
     def configure_optimizers(self):
         trainable = [p for p in self.network.parameters() if p.requires_grad]
