@@ -140,6 +140,18 @@ def stage1_test_predictions(stage1_workspace, tmp_path_factory):
     return out
 
 
+def stage2_trainer(preprocessed: Path, fold: int):
+    """nnUNetTrainerRFMedSAM2 built in this process as `nnUNetv2_train` builds it (get_trainer_from_args: plans and
+    dataset.json of the preprocessed folder; nnU-Net 2.8 passes --c in the plans and the trainer pops it). nnU-Net's
+    folders must be in the environment."""
+    import torch
+    from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import nnUNetTrainerRFMedSAM2
+    plans = json.loads((Path(preprocessed) / f"{PLANS}.json").read_text())
+    dataset_json = json.loads((Path(preprocessed) / "dataset.json").read_text())
+    return nnUNetTrainerRFMedSAM2(dict(plans, continue_training=False), "3d_rfmedsam2", fold, dataset_json,
+                                  torch.device("cpu"))
+
+
 def train_stage2(workspace, extra_env, expect_success=True):
     train = workspace["train"]
     split = [{"train": train[1:], "val": train[:1]}]

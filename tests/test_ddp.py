@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import DATASET_NAME, PLANS, TEST_SAM2_IMAGE_SIZE
+from conftest import DATASET_NAME, PLANS, TEST_SAM2_IMAGE_SIZE, stage2_trainer
 from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases
 
 VARIANTS = {  # name: (plans settings, slices per patch)
@@ -78,15 +78,9 @@ def test_ddp_trains_every_setting_for_two_steps(tmp_path, variants):
 
 
 def stage2_batch_per_process(rank: int, world_size: int, init_file: str, preprocessed: str, results: str) -> None:
-    from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import nnUNetTrainerRFMedSAM2
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        plans = json.loads((Path(preprocessed) / f"{PLANS}.json").read_text())
-        dataset_json = json.loads((Path(preprocessed) / "dataset.json").read_text())
-        # as nnUNetv2_train -num_gpus builds it in each process (get_trainer_from_args)
-        trainer = nnUNetTrainerRFMedSAM2(dict(plans, continue_training=False), "3d_rfmedsam2", 0, dataset_json,
-                                         torch.device("cpu"))
+        trainer = stage2_trainer(Path(preprocessed), 0)  # as nnUNetv2_train -num_gpus builds it in each process
         trainer._set_batch_size_and_oversample()  # what initialize() does first
         sizes = [None] * world_size
         dist.all_gather_object(sizes, trainer.batch_size)

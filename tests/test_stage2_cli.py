@@ -1,12 +1,11 @@
 """Stage 2 and the cascade through the stock nnU-Net commands, on real hippocampus cases (tiny budget)."""
-import json
 import shutil
 
 import pytest
 import torch
 
 from conftest import (DATASET_ID, DATASET_NAME, PLANS, STAGE1_FOLDER, STAGE2_FOLD, STAGE2_FOLDER, assert_same_geometry,
-                      bin_command, run_command, train_stage2)
+                      bin_command, run_command, stage2_trainer, train_stage2)
 
 
 def test_stage2_trains_from_an_official_format_checkpoint(stage2_workspace, tiny_checkpoint):
@@ -28,16 +27,10 @@ def test_stage2_refuses_a_missing_checkpoint_naming_the_file(stage1_workspace, t
 def in_process_trainer(stage1_workspace, monkeypatch):
     """Builds nnUNetTrainerRFMedSAM2 of the workspace as nnUNetv2_train does (plans and dataset.json from the
     preprocessed folder), in this process, for fold 3, whose folder is removed afterwards."""
-    from nnunetv2_rfmedsam.trainers import rfmedsam2_trainer
     root = stage1_workspace["root"]
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # nnU-Net 2.8 reads them when used
         monkeypatch.setenv(variable, stage1_workspace["env"][variable])
-    preprocessed = root / "preprocessed" / DATASET_NAME
-    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
-    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
-    # nnU-Net 2.8's get_trainer_from_args passes --c in the plans, and the trainer pops it
-    yield lambda: rfmedsam2_trainer.nnUNetTrainerRFMedSAM2(dict(plans, continue_training=False), "3d_rfmedsam2", 3,
-                                                           dataset_json, torch.device("cpu"))
+    yield lambda: stage2_trainer(root / "preprocessed" / DATASET_NAME, 3)
     shutil.rmtree(root / "results" / DATASET_NAME / STAGE2_FOLDER / "fold_3", ignore_errors=True)
 
 
