@@ -34,7 +34,6 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 import warnings
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnunetv2_rfmedsam.atomic_files import write_atomically
 from nnunetv2_rfmedsam.evaluation.case_figures import (CaseToShow, case_figure, cases_to_show, figure_file_name,
                                                       most_different_slice)
 from nnunetv2_rfmedsam.evaluation.metrics import DEFAULT_TOLERANCE_MM, case_metrics
@@ -393,19 +393,6 @@ def render_figures(result: dict, label_names: Mapping[int, str]) -> dict[str, by
              for method in methods[1:]}
     return {"dice_per_class.png": figure_to_png(bars),
             "paired_cases.png": figure_to_png(paired_cases_figure(baseline, pairs))}
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see a half-written file."""
-    descriptor, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 def _check_arguments(gt_dir: str, preds: Mapping[str, str], out_dir: str, tolerance_mm: float,

@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 from tqdm import tqdm
 
-from nnunetv2_rfmedsam.evaluation.compare import CompareError, read_label_map, write_atomically
+from nnunetv2_rfmedsam.atomic_files import write_atomically
+from nnunetv2_rfmedsam.evaluation.compare import CompareError, read_label_map
 from nnunetv2_rfmedsam.evaluation.metrics import dice_score
 from nnunetv2_rfmedsam.evaluation.plots import DICE_AXIS_LIMITS, DPI, figure_to_png
 from nnunetv2_rfmedsam.interactive.session import InteractiveSession

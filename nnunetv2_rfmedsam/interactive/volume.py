@@ -23,6 +23,7 @@ from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunetv2_rfmedsam.atomic_files import replacing
 from nnunetv2_rfmedsam.interactive.errors import InteractiveError
 
 
@@ -147,12 +148,6 @@ class PreprocessedImage:
             image.CopyInformation(self.reference)
         else:
             image.SetSpacing(tuple(float(s) for s in self.properties["spacing"][::-1]))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # SimpleITK picks the format from the name's ending: keep it on the temporary file
-        temporary = path.with_name(f".{os.getpid()}.tmp.{path.name}")
-        try:
+        with replacing(path) as temporary:  # keeps the name's ending, from which SimpleITK picks the format
             sitk.WriteImage(image, str(temporary), useCompression=True)
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
         return path

@@ -12,6 +12,8 @@ import json
 import os
 from os.path import join
 
+from nnunetv2_rfmedsam.atomic_files import replacing
+
 PROMPT_FOLDS_MANIFEST = "rfmedsam_prompt_folds.json"
 OVERWRITE_OOF_PROMPTS_VARIABLE = "RFMEDSAM2_OVERWRITE_OOF_PROMPTS"
 IN_SAMPLE_EXPLANATION = "stage 1 fold all predicted its own training cases; test-time prompts will be worse"
@@ -39,12 +41,10 @@ def write_prompt_folds(folder: str, cases: dict[str, dict]) -> None:
                "written_by": "nnUNetTrainerRFPrompt.perform_actual_validation",
                "cases": dict(sorted(cases.items()))}
     os.makedirs(folder, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as handle:
+    with replacing(path) as temporary, open(temporary, "w") as handle:
         json.dump(content, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def predictions_present(folder: str) -> set[str]:

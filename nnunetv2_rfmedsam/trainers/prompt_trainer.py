@@ -6,6 +6,7 @@ from os.path import join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_rfmedsam.budget import EnvironmentBudgetMixin
+from nnunetv2_rfmedsam.trainers.atomic_checkpoints import AtomicCheckpointMixin
 from nnunetv2_rfmedsam.dataset_support import SupportedDatasetMixin
 from nnunetv2_rfmedsam.trainers.prompt_folds import (PROMPT_FOLDS_MANIFEST, OutOfFoldPromptsWouldBeOverwritten,
                                                      check_prompt_overwrite, forget_prompt_folds,
@@ -16,10 +17,10 @@ class nnUNetTrainerBudget(EnvironmentBudgetMixin, nnUNetTrainer):
     """The stock nnUNetTrainer, except that the budget variables apply: the baseline under a reduced budget."""
 
 
-class nnUNetTrainerRFPrompt(SupportedDatasetMixin, nnUNetTrainerBudget):
+class nnUNetTrainerRFPrompt(AtomicCheckpointMixin, SupportedDatasetMixin, nnUNetTrainerBudget):
     """Stage 1, the prompt UNet: nnU-Net's default training, except that the budget variables apply, and that it
     keeps track of which fold wrote stage 2's training prompts, and that it refuses datasets stage 2 cannot refine
-    (dataset_support.py) before any time is spent.
+    (dataset_support.py) before any time is spent, and that its checkpoints replace their files atomically.
 
     Its final validation writes the predictions stage 2 trains on: the plans give ``3d_fullres`` the
     ``next_stage`` ``3d_rfmedsam2``, and nnU-Net exports each validation case into
