@@ -22,6 +22,8 @@ SAM2_MODELS = {
     "base_plus": ("configs/sam2.1/sam2.1_hiera_b+.yaml", "sam2.1_hiera_base_plus.pt"),
     "large": ("configs/sam2.1/sam2.1_hiera_l.yaml", "sam2.1_hiera_large.pt"),
 }
+# the official SAM 2.1 checkpoint file stage 2 starts from (and whose frozen weights its folds reference)
+SAM2_CHECKPOINT_VARIABLE = "RFMEDSAM2_SAM2_CHECKPOINT"
 OFFICIAL_CHECKPOINT_HINT = (
     "Download an official SAM 2.1 checkpoint (sam2.1_hiera_{tiny,small,base_plus,large}.pt) from the "
     "facebookresearch/sam2 repository (its README links the files; checkpoints/download_ckpts.sh fetches all four)"

@@ -26,6 +26,7 @@ from nnunetv2_rfmedsam.model.refinement import ABSENT_LOGIT
 from nnunetv2_rfmedsam.model.sam2_checkpoint import (SAM2CheckpointError, load_sam2_checkpoint,
                                                      save_official_format_checkpoint)
 from nnunetv2_rfmedsam.model.sam2_model import build_sam2_model
+from nnunetv2_rfmedsam.model.sam2_reference import REFERENCE_KEY
 from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases
 from nnunetv2_rfmedsam.settings import NETWORK_CLASS, OFFICIAL_CHECKPOINT_HINT, SAM2Settings
 
@@ -85,7 +86,8 @@ def variant(network: RFMedSAM2Network, **changes) -> RFMedSAM2Network:
     """A network with other settings and the same weights (without memory, the memory-attention adapters are not
     there: every other weight must be)."""
     other = make_network(**changes)
-    other.load_state_dict({k: v for k, v in network.state_dict().items() if k in other.state_dict()})
+    keys = set(other.state_dict()) | {REFERENCE_KEY}  # the reference brings SAM 2's frozen weights
+    other.load_state_dict({k: v for k, v in network.state_dict().items() if k in keys})
     return other
 
 
@@ -411,6 +413,57 @@ def test_checkpoint_loads_into_the_adapted_network(loaded_network, tiny_state_di
         assert torch.equal(own[key], value), key
     for adapter in adapter_modules(loaded_network):
         assert not adapter.up.weight.any()
+
+
+def test_weights_reference_sam2s_frozen_part_and_load_it_from_the_file(loaded_network, tiny_checkpoint):
+    """After an official checkpoint, the state dict holds what trains and a reference to the file, which brings
+    the rest back: a fresh network (other random weights) then equals the loaded one tensor for tensor."""
+    weights = loaded_network.state_dict()
+    full = torch.nn.Module.state_dict(loaded_network)
+    trainable = {name for name, p in loaded_network.named_parameters() if p.requires_grad}
+    assert trainable <= weights.keys() and REFERENCE_KEY in weights
+    assert not any(key.startswith("sam.image_encoder.trunk.") and ".adapter." not in key for key in weights)
+    stored = sum(v.numel() for k, v in weights.items() if k != REFERENCE_KEY)
+    assert stored < 0.1 * sum(v.numel() for v in full.values())
+    fresh = make_network(seed=5)
+    assert not torch.equal(torch.nn.Module.state_dict(fresh)["sam.no_mem_embed"], full["sam.no_mem_embed"])
+    fresh.load_state_dict(weights)
+    for key, value in torch.nn.Module.state_dict(fresh).items():
+        assert torch.equal(value, full[key]), key
+    assert fresh.sam2_reference == loaded_network.sam2_reference
+    with pytest.raises(RuntimeError, match="missing keys.*prompt_gates|missing keys.*adapter"):
+        make_network().load_state_dict({k: v for k, v in weights.items() if ".adapter." not in k})
+
+
+def test_weights_find_their_sam2_file_through_the_variable_or_refuse_naming_it(tmp_path, tiny_checkpoint,
+                                                                              monkeypatch):
+    """On another machine the file is elsewhere: RFMEDSAM2_SAM2_CHECKPOINT finds it if it is the same file;
+    without it, or with another file, loading stops with one line naming the file and its checksum."""
+    import shutil
+    moved = tmp_path / "trained_with" / "sam2.1_hiera_tiny.pt"
+    moved.parent.mkdir()
+    shutil.copy(tiny_checkpoint, moved)
+    net = make_network()
+    net.load_sam2_checkpoint(moved)
+    weights = net.state_dict()
+    elsewhere = tmp_path / "elsewhere.pt"
+    moved.rename(elsewhere)
+    other_file = save_official_format_checkpoint(tmp_path / "other" / "sam2.1_hiera_tiny.pt", "tiny", seed=7)
+
+    monkeypatch.delenv("RFMEDSAM2_SAM2_CHECKPOINT", raising=False)
+    with pytest.raises(SAM2CheckpointError) as error:
+        make_network().load_state_dict(weights)
+    message = str(error.value)
+    assert "\n" not in message and str(moved) in message and "does not exist" in message
+    assert net.sam2_reference.sha256[:16] in message and "RFMEDSAM2_SAM2_CHECKPOINT is not set" in message
+    monkeypatch.setenv("RFMEDSAM2_SAM2_CHECKPOINT", str(other_file))
+    with pytest.raises(SAM2CheckpointError, match=f"{other_file} is another file"):
+        make_network().load_state_dict(weights)
+    monkeypatch.setenv("RFMEDSAM2_SAM2_CHECKPOINT", str(elsewhere))
+    found = make_network()
+    found.load_state_dict(weights)
+    assert torch.equal(torch.nn.Module.state_dict(found)["sam.no_mem_embed"],
+                       torch.nn.Module.state_dict(net)["sam.no_mem_embed"])
 
 
 def assert_refused(net: RFMedSAM2Network, path: Path, *phrases: str) -> str:

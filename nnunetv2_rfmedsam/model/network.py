@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
-from nnunetv2_rfmedsam.model.adapters import freeze_for_finetuning, inject_adapters
+from nnunetv2_rfmedsam.model.adapters import adapter_parameter_names, freeze_for_finetuning, inject_adapters
 from nnunetv2_rfmedsam.model.error_clicks import add_error_clicks
 from nnunetv2_rfmedsam.model.frames import ZSCORE_WINDOW, slices_to_sam_frames
 from nnunetv2_rfmedsam.model.departures import REFINER
@@ -37,6 +38,7 @@ from nnunetv2_rfmedsam.model.refinement import (ABSENT_LOGIT, ABSENT_SCORE, Slic
                                                 logits_to_grid)
 from nnunetv2_rfmedsam.model.sam2_checkpoint import load_sam2_checkpoint
 from nnunetv2_rfmedsam.model.sam2_model import build_sam2_model
+from nnunetv2_rfmedsam.model.sam2_reference import REFERENCE_KEY, SAM2Reference, locate
 from nnunetv2_rfmedsam import whole_volume_prediction
 from nnunetv2_rfmedsam.settings import SAM2Settings
 
@@ -91,6 +93,9 @@ class RFMedSAM2Network(nn.Module):
             raise ValueError(f"intensity_windows: {len(self.intensity_windows)} window(s) for {self.image_channels} "
                              f"image channel(s)")
         self._click_targets: torch.Tensor | None = None
+        # set by load_sam2_checkpoint: the file SAM 2's frozen weights came from, and their state-dict keys
+        self.sam2_reference: SAM2Reference | None = None
+        self._referenced_keys: set[str] = set()
         # nnU-Net's predictor hands this network whole volumes (whole_volume_prediction.py); False: nnU-Net's
         # sliding windows, as for any network
         self.predicts_whole_volumes = True
@@ -107,17 +112,50 @@ class RFMedSAM2Network(nn.Module):
         foreground class (nnU-Net's consecutive labels): pass 2's clicks are sampled from pass 1's errors."""
         self._click_targets = target
 
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """nn.Module's state dict, except that after `load_sam2_checkpoint` SAM 2's frozen weights are not in it
+        but a reference to the file they came from is (sam2_reference.py): what trains, and where the rest is."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if self.sam2_reference is not None:
+            for key in self._referenced_keys:
+                del state[prefix + key]
+            state[prefix + REFERENCE_KEY] = self.sam2_reference.to_tensor()
+        return state
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module's load, except that weights with a SAM 2 reference (see `state_dict`) load SAM 2's frozen
+        weights from the file it names first (unless this network holds them already)."""
         # Stage-2 checkpoints written before the memory-attention adapters were left out where training cannot
         # reach them (no memory, one slice per patch) carry them at their identity start: dropping them is exact.
-        own = self.state_dict().keys()
+        own = super().state_dict().keys()
         state_dict = {key: value for key, value in state_dict.items()
-                      if key in own or not (key.startswith("sam.memory_attention.") and ".adapter." in key)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+                      if key in own or key == REFERENCE_KEY
+                      or not (key.startswith("sam.memory_attention.") and ".adapter." in key)}
+        encoded = state_dict.pop(REFERENCE_KEY, None)
+        if encoded is None:
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+            if self._referenced_keys <= state_dict.keys():
+                self.sam2_reference = None  # the frozen weights now are the ones given
+            return result
+        reference = SAM2Reference.from_tensor(encoded)
+        if self.sam2_reference is None or self.sam2_reference.sha256 != reference.sha256:
+            self.load_sam2_checkpoint(locate(reference))
+        given = {key: value for key, value in state_dict.items() if key not in self._referenced_keys}
+        result = super().load_state_dict(given, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if key not in self._referenced_keys]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: missing keys "
+                               f"{missing}, unexpected keys {result.unexpected_keys}")
+        return _IncompatibleKeys(missing, result.unexpected_keys)
 
     def load_sam2_checkpoint(self, path) -> None:
-        """Load an official SAM 2.1 checkpoint of the planned model size (adapters keep their values)."""
+        """Load an official SAM 2.1 checkpoint of the planned model size (adapters keep their values); from then
+        on the state dict references the file instead of holding SAM 2's frozen weights."""
         load_sam2_checkpoint(self.sam, path, self.settings.model_size)
+        adapters = adapter_parameter_names(self.sam)
+        self._referenced_keys = {f"sam.{key}" for key, value in self.sam.state_dict(keep_vars=True).items()
+                                 if key not in adapters and not value.requires_grad}
+        self.sam2_reference = SAM2Reference.of_file(path, self.settings.model_size)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""

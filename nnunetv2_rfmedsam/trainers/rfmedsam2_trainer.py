@@ -11,11 +11,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_rfmedsam.budget import EnvironmentBudgetMixin
 from nnunetv2_rfmedsam.dataset_support import SupportedDatasetMixin
 from nnunetv2_rfmedsam.model.sam2_checkpoint import SAM2CheckpointError
-from nnunetv2_rfmedsam.settings import OFFICIAL_CHECKPOINT_HINT, STAGE1_TRAINER, SAM2Settings
+from nnunetv2_rfmedsam.settings import (OFFICIAL_CHECKPOINT_HINT, SAM2_CHECKPOINT_VARIABLE, STAGE1_TRAINER,
+                                        SAM2Settings)
+from nnunetv2_rfmedsam.trainers.atomic_checkpoints import AtomicCheckpointMixin
 from nnunetv2_rfmedsam.trainers.passes_loss import RefinementPassesLoss
 from nnunetv2_rfmedsam.trainers.schedule import WarmupPolyLRScheduler
 
-CHECKPOINT_VARIABLE = "RFMEDSAM2_SAM2_CHECKPOINT"
 ALLOW_RANDOM_INIT_VARIABLE = "RFMEDSAM2_ALLOW_RANDOM_INIT"
 
 
@@ -29,7 +30,8 @@ def weights_fingerprint(network: torch.nn.Module) -> tuple[float, ...]:
         return tuple(float(t.float().sum()) for t in network.state_dict().values() if t.is_floating_point())
 
 
-class nnUNetTrainerRFMedSAM2(SupportedDatasetMixin, EnvironmentBudgetMixin, nnUNetTrainer):
+class nnUNetTrainerRFMedSAM2(AtomicCheckpointMixin, SupportedDatasetMixin, EnvironmentBudgetMixin,
+                             nnUNetTrainer):
     """Stage 2, the SAM 2 refiner: nnUNetTrainer, except
 
     - the network is the plans' `RFMedSAM2Network` (SAM 2 with adapters), built by the stock
@@ -39,7 +41,8 @@ class nnUNetTrainerRFMedSAM2(SupportedDatasetMixin, EnvironmentBudgetMixin, nnUN
     - stage-1 predictions come from nnUNetTrainerRFPrompt's `predicted_next_stage` folder;
     - test-time mirroring along one axis only;
     - each training step hands the network its target, for the second pass's clicks at the first pass's errors;
-    - region-based datasets and more than three image channels are refused (dataset_support.py).
+    - region-based datasets and more than three image channels are refused (dataset_support.py);
+    - checkpoints replace their files atomically (a kill while one is written loses nothing).
     """
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -104,6 +107,10 @@ class nnUNetTrainerRFMedSAM2(SupportedDatasetMixin, EnvironmentBudgetMixin, nnUN
 
     def initialize(self):
         super().initialize()
+        if os.environ.get(SAM2_CHECKPOINT_VARIABLE):
+            # now, not when training starts: nnUNetv2_train's -pretrained_weights compares the network's state dict
+            # with the file's key by key, and a stage-2 file references SAM 2's frozen weights (sam2_reference.py)
+            self.load_sam2_weights()
         self._weights_at_initialization = weights_fingerprint(self.network_module)
 
     def weights_replaced_since_initialization(self) -> bool:
@@ -113,15 +120,16 @@ class nnUNetTrainerRFMedSAM2(SupportedDatasetMixin, EnvironmentBudgetMixin, nnUN
         return at_initialization is not None and weights_fingerprint(self.network_module) != at_initialization
 
     def load_initial_weights(self):
-        """SAM 2's official weights at the start of a training, unless -pretrained_weights brought its own (SAM 2's
-        checkpoint would overwrite their trained decoder heads). A resumed run (`--c`) has its weights from the
+        """SAM 2's official weights at the start of a training (loaded by `initialize()` where
+        RFMEDSAM2_SAM2_CHECKPOINT names them), and nothing over weights that -pretrained_weights brought: SAM 2's
+        checkpoint would overwrite their trained decoder heads. A resumed run (`--c`) has its weights from the
         nnU-Net checkpoint and loads nothing."""
         if self.current_epoch > 0:
             return
         if self.weights_replaced_since_initialization():
             self.print_to_log_file("Kept the weights given with -pretrained_weights; SAM 2's checkpoint is not loaded "
                                    "over them")
-        else:
+        elif self.network_module.sam2_reference is None:
             self.load_sam2_weights()
 
     def on_train_start(self):
@@ -165,16 +173,16 @@ class nnUNetTrainerRFMedSAM2(SupportedDatasetMixin, EnvironmentBudgetMixin, nnUN
 
     def load_sam2_weights(self):
         settings = SAM2Settings.from_plans(self.configuration_manager.network_arch_init_kwargs)
-        path = os.environ.get(CHECKPOINT_VARIABLE)
+        path = os.environ.get(SAM2_CHECKPOINT_VARIABLE)
         if path:
             self.network_module.load_sam2_checkpoint(path)
             self.print_to_log_file(f"Loaded SAM 2 ({settings.model_size}) weights from {path}")
         elif os.environ.get(ALLOW_RANDOM_INIT_VARIABLE) == "1":
-            self.print_to_log_file(f"WARNING: {CHECKPOINT_VARIABLE} is not set and {ALLOW_RANDOM_INIT_VARIABLE}=1: "
-                                   f"SAM 2 starts from RANDOM weights; results say nothing about RFMedSAM 2's accuracy")
+            self.print_to_log_file(f"WARNING: {SAM2_CHECKPOINT_VARIABLE} is not set and "
+                                   f"{ALLOW_RANDOM_INIT_VARIABLE}=1: SAM 2 starts from RANDOM weights; results say nothing about RFMedSAM 2's accuracy")
         else:
             raise SAM2CheckpointError(
-                f"{CHECKPOINT_VARIABLE} is not set: stage 2 fine-tunes SAM 2 and needs the official "
+                f"{SAM2_CHECKPOINT_VARIABLE} is not set: stage 2 fine-tunes SAM 2 and needs the official "
                 f"{settings.official_checkpoint_name} (model size {settings.model_size}). {OFFICIAL_CHECKPOINT_HINT}, "
-                f"then export {CHECKPOINT_VARIABLE}=/path/to/{settings.official_checkpoint_name} "
+                f"then export {SAM2_CHECKPOINT_VARIABLE}=/path/to/{settings.official_checkpoint_name} "
                 f"(or set {ALLOW_RANDOM_INIT_VARIABLE}=1 to train from random weights, for tests only)")
