@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 # Before torch loads OpenMP: `make test` runs two pytest workers, and nnU-Net's commands set as many torch threads
@@ -152,13 +155,44 @@ def stage2_trainer(preprocessed: Path, fold: int):
                                   torch.device("cpu"))
 
 
-def train_stage2(workspace, extra_env, expect_success=True):
+def stage2_fold_folder(workspace) -> Path:
+    return workspace["root"] / "results" / DATASET_NAME / STAGE2_FOLDER / f"fold_{STAGE2_FOLD}"
+
+
+def train_stage2(workspace, extra_env, expect_success=True, extra_args=(), interrupt_in_epoch=None):
+    """nnUNetv2_train of stage 2 on fold STAGE2_FOLD (5 training cases, 1 validation case). With
+    `interrupt_in_epoch=E` the run is killed (SIGKILL) as soon as its log says epoch E has begun."""
     train = workspace["train"]
     split = [{"train": train[1:], "val": train[:1]}]
     (workspace["root"] / "preprocessed" / DATASET_NAME / "splits_final.json").write_text(json.dumps(split))
-    env = dict(workspace["env"], **STAGE2_BUDGET, **extra_env)
-    return run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_rfmedsam2", STAGE2_FOLD, "-p", PLANS,
-                        "-tr", "nnUNetTrainerRFMedSAM2", "-device", "cpu"], env, expect_success=expect_success)
+    env = dict(workspace["env"], **{**STAGE2_BUDGET, **extra_env})
+    command = [bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_rfmedsam2", STAGE2_FOLD, "-p", PLANS,
+               "-tr", "nnUNetTrainerRFMedSAM2", "-device", "cpu", *extra_args]
+    if interrupt_in_epoch is None:
+        return run_command(command, env, expect_success=expect_success)
+    return kill_when_logged(command, env, stage2_fold_folder(workspace), f"Epoch {interrupt_in_epoch}")
+
+
+def kill_when_logged(command: list[str], env: dict, fold_folder: Path, line: str, timeout: float = 900) -> str:
+    """Start a training command and kill it as soon as a new training log in `fold_folder` has a line ending in
+    `line`; return that log. Fails if the run ends first."""
+    before = set(fold_folder.glob("training_log*.txt"))
+    pattern = re.compile(rf": {re.escape(line)}\s*$", re.MULTILINE)
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            logs = [p.read_text() for p in set(fold_folder.glob("training_log*.txt")) - before]
+            if any(pattern.search(log) for log in logs):
+                proc.kill()
+                proc.wait()
+                return "".join(logs)
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait()
+        output.seek(0)
+        pytest.fail(f"{' '.join(command)} ended or timed out before its log said {line!r}; output:\n"
+                    f"{output.read()[-4000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -171,9 +205,12 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stage2_workspace(stage1_workspace, tiny_checkpoint):
-    """Stage 2 trained on fold STAGE2_FOLD with a tiny budget, from the tiny official-format checkpoint."""
-    proc = train_stage2(stage1_workspace, {"RFMEDSAM2_SAM2_CHECKPOINT": str(tiny_checkpoint)})
-    stage1_workspace["stage2_log"] = proc.stdout
+    """Stage 2 trained on fold STAGE2_FOLD with a tiny budget, from the tiny official-format checkpoint, the way
+    long runs on shared machines go: killed in the middle of its second (last) epoch, then resumed with `--c`."""
+    sam2 = {"RFMEDSAM2_SAM2_CHECKPOINT": str(tiny_checkpoint), "RFMEDSAM2_NUM_EPOCHS": "2"}
+    # the interrupted run's training log: what stage 2 says when a training starts
+    stage1_workspace["stage2_log"] = train_stage2(stage1_workspace, sam2, interrupt_in_epoch=1)
+    stage1_workspace["stage2_resumed_output"] = train_stage2(stage1_workspace, sam2, extra_args=["--c"]).stdout
     return stage1_workspace
 
 
