@@ -6,8 +6,8 @@ from os.path import join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_rfmedsam.budget import EnvironmentBudgetMixin
-from nnunetv2_rfmedsam.trainers.atomic_checkpoints import AtomicCheckpointMixin
 from nnunetv2_rfmedsam.dataset_support import SupportedDatasetMixin
+from nnunetv2_rfmedsam.trainers.atomic_checkpoints import AtomicCheckpointMixin
 from nnunetv2_rfmedsam.trainers.prompt_folds import (PROMPT_FOLDS_MANIFEST, OutOfFoldPromptsWouldBeOverwritten,
                                                      check_prompt_overwrite, forget_prompt_folds,
                                                      record_prompt_folds)
