@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (DATASET_ID, DATASET_NAME, PLANS, STAGE1_FOLDER, STAGE2_FOLD, STAGE2_FOLDER, stage2_fold_folder,
-                      stage2_trainer, train_stage2)
+from conftest import (DATASET_ID, DATASET_NAME, PLANS, STAGE1_FOLDER, STAGE2_FOLD, STAGE2_FOLDER, bin_command,
+                      run_command, stage2_fold_folder, stage2_trainer, train_stage2)
 
 
 def test_stage2_trains_from_an_official_format_checkpoint(stage2_workspace, tiny_checkpoint):
@@ -142,3 +142,23 @@ def test_inference_commands_prefer_the_five_folds_and_name_a_stage_without_any(t
     assert trained_folds(model) == ["0", "1", "2", "3", "4"]
     with pytest.raises(NoTrainedFolds, match=f"{tmp_path}/Dataset004_X/nnUNetTrainerRFPrompt__.*: no fold"):
         inference_commands(tmp_path, "Dataset004_X", 4, PLANS, "IN", "OUT")
+
+
+def test_cascade_refuses_a_missing_stage1_prediction_before_predicting_anything(stage2_workspace,
+                                                                                 stage1_test_predictions, tmp_path):
+    """The stock cascade with one held-out case's stage-1 prediction missing stops before the first case, naming
+    it (nnU-Net alone would predict the cases before it and end with "Background workers died")."""
+    test = stage2_workspace["test"]
+    incomplete, out = tmp_path / "stage1", tmp_path / "cascade"
+    incomplete.mkdir()
+    for case in test[:-1]:
+        shutil.copy(stage1_test_predictions / f"{case}.nii.gz", incomplete)
+    proc = run_command([bin_command("nnUNetv2_predict"), "-i", str(stage2_workspace["raw"] / "imagesTs"),
+                        "-o", str(out), "-d", str(DATASET_ID), "-p", PLANS, "-c", "3d_rfmedsam2",
+                        "-tr", "nnUNetTrainerRFMedSAM2", "-f", STAGE2_FOLD, "-prev_stage_predictions", str(incomplete),
+                        "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], stage2_workspace["env"],
+                       expect_success=False)
+    assert proc.returncode != 0
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert "CascadeInputError" in last_line and f"{test[-1]}.nii.gz does not exist" in last_line, last_line
+    assert not list(out.glob("*.nii.gz"))

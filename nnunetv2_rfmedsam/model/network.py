@@ -39,7 +39,7 @@ from nnunetv2_rfmedsam.model.refinement import (ABSENT_LOGIT, ABSENT_SCORE, Slic
 from nnunetv2_rfmedsam.model.sam2_checkpoint import load_sam2_checkpoint
 from nnunetv2_rfmedsam.model.sam2_model import build_sam2_model
 from nnunetv2_rfmedsam.model.sam2_reference import REFERENCE_KEY, SAM2Reference, locate
-from nnunetv2_rfmedsam import whole_volume_prediction
+from nnunetv2_rfmedsam import cascade_inputs, whole_volume_prediction
 from nnunetv2_rfmedsam.settings import SAM2Settings
 
 BACKGROUND_LOGIT = 0.0
@@ -102,6 +102,7 @@ class RFMedSAM2Network(nn.Module):
         # called with 1 after each slice of a forward in prediction (whole_volume_prediction.py's progress bar)
         self.slice_progress = None
         whole_volume_prediction.install()
+        cascade_inputs.install()
 
     def sam_frames(self, image: torch.Tensor) -> torch.Tensor:
         """Image channels (B, C, D, H, W) in nnU-Net's normalised units -> SAM 2 frames (frames.py)."""
