@@ -123,10 +123,14 @@ def planned_workspace(nnunet_workspace):
 
 @pytest.fixture(scope="session")
 def stage1_workspace(planned_workspace):
-    """Stage 1 trained on fold `all` with a tiny budget; its final validation wrote predicted_next_stage."""
-    env = dict(planned_workspace["env"], **STAGE1_BUDGET)
-    run_command([bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-p", PLANS,
-                 "-tr", "nnUNetTrainerRFPrompt", "-device", "cpu"], env)
+    """Stage 1 trained on fold `all` with a tiny budget, killed in the middle of its second (last) epoch and resumed
+    with `--c`; its final validation wrote predicted_next_stage."""
+    env = dict(planned_workspace["env"], **{**STAGE1_BUDGET, "RFMEDSAM2_NUM_EPOCHS": "2"})
+    command = [bin_command("nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "all", "-p", PLANS,
+               "-tr", "nnUNetTrainerRFPrompt", "-device", "cpu"]
+    fold = planned_workspace["root"] / "results" / DATASET_NAME / STAGE1_FOLDER / "fold_all"
+    kill_when_logged(command, env, fold, "Epoch 1")
+    planned_workspace["stage1_resumed_output"] = run_command(command + ["--c"], env).stdout
     return planned_workspace
 
 
