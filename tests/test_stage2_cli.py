@@ -116,21 +116,27 @@ def test_pretrained_weights_are_kept_not_overwritten_by_sam2s_checkpoint(stage2_
     torch.testing.assert_close(fresh.network_module.state_dict()[f"sam.{head}"], official)
 
 
-def test_inference_commands_predict_stage1_then_the_cascade_with_the_trained_folds(stage2_workspace, monkeypatch,
-                                                                                   capsys):
+def test_inference_commands_predict_stage1_then_the_cascade_with_the_trained_folds(stage2_workspace, tiny_checkpoint,
+                                                                                   monkeypatch, capsys):
+    """Stage 1's command, a comment naming the SAM 2 file stage 2's checkpoint reads, the cascade's command."""
     from nnunetv2_rfmedsam.cli import inference_commands
+    from nnunetv2_rfmedsam.model.sam2_reference import file_sha256
     monkeypatch.setenv("nnUNet_results", stage2_workspace["env"]["nnUNet_results"])
     monkeypatch.setenv("nnUNet_raw", stage2_workspace["env"]["nnUNet_raw"])
     inference_commands.main(["-d", str(DATASET_ID), "-i", "IN", "-o", "OUT"])
-    assert capsys.readouterr().out.splitlines() == [
-        f"nnUNetv2_predict -i IN -o OUT/stage1 -d {DATASET_ID} -p {PLANS} -c 3d_fullres -tr nnUNetTrainerRFPrompt "
-        f"-f all",
-        f"nnUNetv2_predict -i IN -o OUT/cascade -d {DATASET_ID} -p {PLANS} -c 3d_rfmedsam2 -tr nnUNetTrainerRFMedSAM2 "
-        f"-f {STAGE2_FOLD} -prev_stage_predictions OUT/stage1"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == (f"nnUNetv2_predict -i IN -o OUT/stage1 -d {DATASET_ID} -p {PLANS} -c 3d_fullres "
+                        f"-tr nnUNetTrainerRFPrompt -f all")
+    assert lines[1].startswith("# stage 2 reads SAM 2's frozen weights from sam2.1_hiera_tiny.pt")
+    assert file_sha256(tiny_checkpoint)[:16] in lines[1] and str(tiny_checkpoint.resolve()) in lines[1]
+    assert "export RFMEDSAM2_SAM2_CHECKPOINT=/path/to/sam2.1_hiera_tiny.pt" in lines[1]
+    assert lines[2:] == [f"nnUNetv2_predict -i IN -o OUT/cascade -d {DATASET_ID} -p {PLANS} -c 3d_rfmedsam2 "
+                         f"-tr nnUNetTrainerRFMedSAM2 -f {STAGE2_FOLD} -prev_stage_predictions OUT/stage1"]
 
 
 def test_inference_commands_prefer_the_five_folds_and_name_a_stage_without_any(tmp_path):
-    from nnunetv2_rfmedsam.cli.inference_commands import NoTrainedFolds, inference_commands, trained_folds
+    from nnunetv2_rfmedsam.cli.inference_commands import (NoTrainedFolds, UnreadableCheckpoint, inference_commands,
+                                                          trained_folds)
     model = tmp_path / "model"
     for fold in ("all", "0", "1", "2", "3"):
         (model / f"fold_{fold}").mkdir(parents=True)
@@ -141,6 +147,11 @@ def test_inference_commands_prefer_the_five_folds_and_name_a_stage_without_any(t
     (model / "fold_4" / "checkpoint_final.pth").touch()
     assert trained_folds(model) == ["0", "1", "2", "3", "4"]
     with pytest.raises(NoTrainedFolds, match=f"{tmp_path}/Dataset004_X/nnUNetTrainerRFPrompt__.*: no fold"):
+        inference_commands(tmp_path, "Dataset004_X", 4, PLANS, "IN", "OUT")
+    stage2 = tmp_path / "Dataset004_X" / f"nnUNetTrainerRFMedSAM2__{PLANS}__3d_rfmedsam2"
+    shutil.copytree(model, tmp_path / "Dataset004_X" / f"nnUNetTrainerRFPrompt__{PLANS}__3d_fullres")
+    shutil.copytree(model, stage2)  # its checkpoint files are empty
+    with pytest.raises(UnreadableCheckpoint, match=f"{stage2}/fold_0/checkpoint_final.pth: not a readable nnU-Net"):
         inference_commands(tmp_path, "Dataset004_X", 4, PLANS, "IN", "OUT")
 
 
