@@ -65,17 +65,10 @@ def _checked_manage_input_and_output_lists(self, list_of_lists_or_source_folder,
                                            folder_with_segs_from_prev_stage=None, *args, **kwargs):
     images, outputs, stage1_files = getattr(self, _STOCK)(list_of_lists_or_source_folder, output_folder_or_list,
                                                           folder_with_segs_from_prev_stage, *args, **kwargs)
-    if folder_with_segs_from_prev_stage is not None and _is_refiner(self.network):
+    from nnunetv2_rfmedsam.whole_volume_prediction import find_refiner
+    if folder_with_segs_from_prev_stage is not None and find_refiner(self.network) is not None:
         check_stage1_predictions(images, stage1_files, folder_with_segs_from_prev_stage)
     return images, outputs, stage1_files
-
-
-def _is_refiner(network) -> bool:
-    from nnunetv2_rfmedsam.model.network import RFMedSAM2Network  # here: network.py installs this module
-    while network is not None and not isinstance(network, RFMedSAM2Network):
-        inner = getattr(network, "_orig_mod", None) or getattr(network, "module", None)  # compiled, DDP
-        network = None if inner is network else inner
-    return network is not None
 
 
 def _header(path: str) -> sitk.ImageFileReader:

@@ -24,16 +24,18 @@ from tqdm import tqdm
 _STOCK = "_rfmedsam2_windowed_predict_sliding_window_return_logits"
 
 
-def whole_volume_network(network: torch.nn.Module) -> torch.nn.Module | None:
-    """The refiner behind `network` (unwrapping torch.compile and DistributedDataParallel) if it predicts whole
-    volumes, else None."""
-    while True:
-        if getattr(network, "predicts_whole_volumes", False):
-            return network
+def find_refiner(network: torch.nn.Module) -> torch.nn.Module | None:
+    """The refiner behind `network` (unwrapping torch.compile and DistributedDataParallel), or None."""
+    while network is not None and not hasattr(network, "predicts_whole_volumes"):
         inner = getattr(network, "_orig_mod", None) or getattr(network, "module", None)
-        if inner is None or inner is network:
-            return None
-        network = inner
+        network = None if inner is network else inner
+    return network
+
+
+def whole_volume_network(network: torch.nn.Module) -> torch.nn.Module | None:
+    """The refiner behind `network` if it predicts whole volumes, else None."""
+    refiner = find_refiner(network)
+    return refiner if refiner is not None and refiner.predicts_whole_volumes else None
 
 
 def install() -> None:
