@@ -70,10 +70,21 @@ def predict_whole_volume(predictor, input_image: torch.Tensor) -> torch.Tensor:
     refiner = whole_volume_network(predictor.network)
     axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
     mirrors = 2 ** len(axes) if axes else 1
-    with torch.inference_mode(), tqdm(total=mirrors * input_image.shape[1], unit="slice",
-                                      desc="refining slices (whole volume, every mirror)",
+    total = mirrors * input_image.shape[1]
+    # a caller that shows its own progress (the napari plugin) sets `slice_progress_callback(done, total)`
+    callback = getattr(predictor, "slice_progress_callback", None)
+    with torch.inference_mode(), tqdm(total=total, unit="slice", desc="refining slices (whole volume, every mirror)",
                                       disable=not predictor.allow_tqdm) as progress:
-        refiner.slice_progress = progress.update
+        done = 0
+
+        def advance(slices: int) -> None:
+            nonlocal done
+            done += slices
+            progress.update(slices)
+            if callback is not None:
+                callback(done, total)
+
+        refiner.slice_progress = advance
         try:
             logits = predictor._internal_maybe_mirror_and_predict(input_image.to(predictor.device)[None])[0]
         finally:

@@ -199,6 +199,16 @@ def kill_when_logged(command: list[str], env: dict, fold_folder: Path, line: str
                     f"{output.read()[-4000:]}")
 
 
+def write_gated_checkpoint(source: Path, target: Path, gate: float) -> Path:
+    """A copy of the nnU-Net checkpoint `source` with every prompt gate set to `gate`."""
+    import torch
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    gates = checkpoint["network_weights"]["prompt_gates"]
+    checkpoint["network_weights"]["prompt_gates"] = torch.full_like(gates, gate)
+    torch.save(checkpoint, target)
+    return target
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A SAM 2.1 tiny checkpoint in the official format ({"model": state_dict}), randomly initialised."""

@@ -257,6 +257,65 @@ def test_mask_prompts_every_slice_of_the_class_with_its_box_and_mask(session, ca
         session.add_mask(2, np.where(truth == 2, 0, truth))
 
 
+def test_replacing_a_masked_slice_with_negative_clicks_removes_the_class_there(session, case):
+    """A mask prompt gives a slice box and mask; negative clicks added to them leave the class to SAM 2 (the box
+    says it is there), negative clicks that replace them remove it from that slice by construction."""
+    truth = case["truth"]
+    target = int(np.argmax((truth == CLASS).sum(axis=(1, 2))))
+    ys, xs = np.nonzero(truth[target] == CLASS)
+    click = [(int(ys[0]), int(xs[0]), 0)]
+    session.add_mask(CLASS, truth)
+    session.add_points(CLASS, target, click)
+    kept = session.class_mask(CLASS)
+    session.undo()
+    session.add_prompt(CLASS, target, points=click, replace=True)
+    replaced = session.class_mask(CLASS)
+    assert not replaced[target].any()
+    assert (truth[target] == CLASS).any()  # the class was there in the mask prompt
+    d = network_slice(session, target)
+    assert session._prompts[CLASS][d].box is None and session._prompts[CLASS][d].mask_logits is None
+    assert kept.shape == replaced.shape == truth.shape
+
+
+def test_class_mask_is_the_class_alone(session, case):
+    truth = case["truth"]
+    session.add_mask(1, truth)
+    session.add_mask(2, truth)
+    labels = session.label_map()
+    for class_id in (1, 2):
+        alone = session.class_mask(class_id)
+        assert (alone | (labels != class_id)).all()  # where the label map has the class, so does its mask alone
+    assert session.class_mask(1).dtype == bool
+    session.reset()
+    assert not session.class_mask(1).any()
+
+
+def test_viewer_corrections_touch_one_class_and_undo_together(session, case):
+    """The viewer's Corrections on the session: a refinement seeds the class from the label map and changes only
+    its voxels (taking background only), and one undo takes back the seed and the clicks together."""
+    from nnunetv2_rfmedsam.viewer.corrections import Box, Click, Corrections
+    truth = case["truth"].astype(np.uint8)
+    corrections = Corrections(session, truth)
+    target = int(np.argmax((truth == 1).sum(axis=(1, 2))))
+    ys, xs = np.nonzero(truth[target] == 1)
+    refined = corrections.refine(1, clicks=[Click(target, float(ys[0]), float(xs[0]), False)])
+    assert not (refined[target] == 1).any()
+    np.testing.assert_array_equal(refined == 2, truth == 2)
+    assert len(session._history) == 2  # the seed and the slice's clicks
+    slice2 = int(np.argmax((truth == 2).sum(axis=(1, 2))))
+    ys, xs = np.nonzero(truth[slice2] == 2)
+    boxed = corrections.refine(2, boxes=[Box(slice2, ys.min(), xs.min(), ys.max(), xs.max())], overwrite=False)
+    np.testing.assert_array_equal(boxed == 1, refined == 1)
+    np.testing.assert_array_equal(corrections.undo(), refined)
+    np.testing.assert_array_equal(corrections.undo(), truth)
+    assert session._history == [] and not corrections.can_undo
+    with pytest.raises(PromptError, match="outside the image"):
+        corrections.refine(1, clicks=[Click(target, 500.0, 5.0, True)])
+    assert session._history == []  # the seed of the refused refinement is taken back
+    with pytest.raises(ValueError, match="add a click or a box"):
+        corrections.refine(1)
+
+
 def test_unusable_model_folder_is_named(tmp_path):
     with pytest.raises(InteractiveError, match=f"model folder {tmp_path}: no dataset.json"):
         InteractiveSession.from_model_folder(tmp_path, 0)

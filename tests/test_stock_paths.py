@@ -16,20 +16,11 @@ import SimpleITK as sitk
 import torch
 
 from conftest import (DATASET_ID, DATASET_NAME, PLANS, STAGE1_FOLDER, STAGE2_FOLD, STAGE2_FOLDER, assert_same_geometry,
-                      bin_command, run_command, stage2_fold_folder)
+                      bin_command, run_command, stage2_fold_folder, write_gated_checkpoint)
 
 CLOSED_GATES = "checkpoint_closed_gates.pth"
 OPEN_GATES = "checkpoint_open_gates.pth"
 FILE_ENDING = ".nii.gz"
-
-
-def write_gated_checkpoint(source: Path, target: Path, gate: float) -> Path:
-    """A copy of the nnU-Net checkpoint `source` with every prompt gate set to `gate`."""
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    gates = checkpoint["network_weights"]["prompt_gates"]
-    checkpoint["network_weights"]["prompt_gates"] = torch.full_like(gates, gate)
-    torch.save(checkpoint, target)
-    return target
 
 
 def label_array(path: Path) -> np.ndarray:

@@ -147,8 +147,10 @@ class InteractiveSession:
         """A box (y0, x0, y1, x1) on a slice."""
         self.add_prompt(class_id, slice_index, box=box)
 
-    def add_prompt(self, class_id: int, slice_index: int, box=None, points=None) -> None:
-        """A box and/or clicks on one slice, as one action (undone together)."""
+    def add_prompt(self, class_id: int, slice_index: int, box=None, points=None, replace: bool = False) -> None:
+        """A box and/or clicks on one slice, as one action (undone together). `replace`: the class's earlier
+        prompts on the slice (e.g. from `add_mask`) and its result there are dropped instead of kept, so that
+        negative clicks alone remove the class from the slice (see propagation.py)."""
         context = f"prompt {len(self._history) + 1} (class {class_id}, slice {slice_index})"
         self._check_class(class_id, context)
         self._check_slice(slice_index, context)
@@ -163,6 +165,9 @@ class InteractiveSession:
         prompts = self._prompts.setdefault(class_id, {})
         track = self._tracks.get(class_id)
         for d in new_boxes.keys() | new_points.keys():
+            if replace:
+                prompts[d] = SlicePrompt(box=new_boxes.get(d), points=tuple(new_points.get(d, ())))
+                continue
             old = prompts.get(d, SlicePrompt())
             mask_logits = old.mask_logits if track is None else track.results[d].low_res.clamp(
                 -PREVIOUS_LOGITS_LIMIT, PREVIOUS_LOGITS_LIMIT)
@@ -218,10 +223,10 @@ class InteractiveSession:
                 computed[class_id] = () if track is previous else track.computed
         return computed
 
-    def logits(self) -> torch.Tensor:
+    def logits(self, classes=None) -> torch.Tensor:
         """The network's logits (K + 1, D, H, W) on the network grid (see volume.py), as the refiner gives them:
-        a constant background logit, then one logit per class (ABSENT_LOGIT for a class without prompts).
-        Propagates first if prompts changed since the last propagation."""
+        a constant background logit, then one logit per class (ABSENT_LOGIT for a class without prompts, and for
+        classes not in `classes` when given). Propagates first if prompts changed since the last propagation."""
         self._check_image("logits")
         if not all(self._is_current(c) for c in self._prompts):
             self.propagate()
@@ -229,7 +234,8 @@ class InteractiveSession:
         logits = torch.full((len(self.channel_of_label), *grid), ABSENT_LOGIT)
         logits[self.channel_of_label[0]] = BACKGROUND_LOGIT
         for class_id, track in self._tracks.items():
-            logits[self.channel_of_label[class_id]] = track.logits(grid)
+            if classes is None or class_id in classes:
+                logits[self.channel_of_label[class_id]] = track.logits(grid)
         return logits
 
     def label_map(self) -> np.ndarray:
@@ -237,6 +243,14 @@ class InteractiveSession:
         self._check_image("label_map")
         logits = self.logits()
         return self.image.label_map(logits)
+
+    def class_mask(self, class_id: int) -> np.ndarray:
+        """Where the class alone is segmented (D, H, W) on the original image grid, as if it were the only class
+        prompted (no other class competes for its voxels); all False for a class without prompts."""
+        self._check_class(class_id, "class_mask")
+        if class_id not in self._prompts:
+            return np.zeros(self.image.original_shape, dtype=bool)
+        return self.image.label_map(self.logits(classes={class_id})) == class_id
 
     def _is_current(self, class_id: int) -> bool:
         # slice prompts compare by identity (see propagation.py)

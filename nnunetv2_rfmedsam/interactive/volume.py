@@ -140,14 +140,24 @@ class PreprocessedImage:
             label_manager, self.properties, num_threads_torch=torch.get_num_threads())
 
     def write(self, label_map: np.ndarray, path: str | os.PathLike) -> Path:
-        """Write `label_map` (D0, H0, W0) with the input image's geometry, atomically (temporary file in the
-        same folder, then os.replace)."""
-        path = Path(path)
-        image = sitk.GetImageFromArray(label_map.astype(np.uint8 if label_map.max() < 256 else np.uint16))
-        if self.reference is not None:
-            image.CopyInformation(self.reference)
-        else:
-            image.SetSpacing(tuple(float(s) for s in self.properties["spacing"][::-1]))
-        with replacing(path) as temporary:  # keeps the name's ending, from which SimpleITK picks the format
-            sitk.WriteImage(image, str(temporary), useCompression=True)
-        return path
+        """Write `label_map` (D0, H0, W0) with the input image's geometry, atomically."""
+        spacing = None if self.reference is not None else self.properties["spacing"]
+        return write_label_map(label_map, path, self.reference, spacing)
+
+
+def write_label_map(label_map: np.ndarray, path: str | os.PathLike, reference: sitk.Image | None = None,
+                    spacing=None) -> Path:
+    """Write a label map (D, H, W) with `reference`'s geometry (or `spacing` in array axis order), atomically
+    (temporary file in the same folder, then os.replace)."""
+    path = Path(path)
+    if reference is not None and tuple(reference.GetSize()[::-1]) != label_map.shape:
+        raise InteractiveError(f"{path}: label map of shape {label_map.shape} does not match its image's "
+                               f"{tuple(reference.GetSize()[::-1])}")
+    image = sitk.GetImageFromArray(label_map.astype(np.uint8 if label_map.max() < 256 else np.uint16))
+    if reference is not None:
+        image.CopyInformation(reference)
+    elif spacing is not None:
+        image.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+    with replacing(path) as temporary:  # keeps the name's ending, from which SimpleITK picks the format
+        sitk.WriteImage(image, str(temporary), useCompression=True)
+    return path
