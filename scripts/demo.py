@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from nnunetv2_rfmedsam.holdout import (CommandFailed, HoldoutRecipe, evaluate_holdout, print_dice_table,  # noqa: E402
                                        print_figure_locations, print_paired_differences, workspace_env)
 from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases, split_holdout, write_raw_dataset  # noqa: E402
+from nnunetv2_rfmedsam.settings import PLANS_IDENTIFIER, STAGE2_CONFIGURATION, STAGE2_TRAINER  # noqa: E402
 
 DATASET_ID, DATASET_NAME = 4, "Dataset004_Hippocampus"
 NUM_TRAIN, NUM_TEST = 30, 8
@@ -92,6 +94,10 @@ def main() -> None:
               "run: RFMEDSAM2_SAM2_CHECKPOINT=/path/to/it make demo")
     print(f"\nreport with NSD, HD95, paired statistics and plots: {workdir / 'compare' / 'report.md'}")
     print_figure_locations(workdir / "compare")
+    stage2 = (Path(env["nnUNet_results"]) / DATASET_NAME /
+              f"{STAGE2_TRAINER}__{PLANS_IDENTIFIER}__{STAGE2_CONFIGURATION}")
+    print("look at a case and correct it in napari (README: In a viewer):\n  "
+          + shlex.join(["nnUNetv2_rfmedsam_viewer", str(raw / "imagesTs" / f"{test[0]}_0000.nii.gz"), "-m", str(stage2)]))
     print(f"finished in {(time.time() - started) / 60:.1f} min")
 
 

@@ -192,4 +192,4 @@ def test_screenshot_shows_the_overlay(viewer_session):
     without = matplotlib.image.imread(out / "viewer_without_labels.png")
     assert with_labels.shape == without.shape and with_labels.shape[0] >= 600
     changed = np.abs(with_labels[..., :3] - without[..., :3]).max(axis=-1) > 0.05
-    assert changed.mean() > 0.02  # the label colours cover part of the canvas
+    assert changed.mean() > 0.01  # the label colours cover part of the canvas (a redraw-less grab: 0.0005)

@@ -85,6 +85,7 @@ def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
     # the window (an offscreen canvas alone renders black under Xvfb), with the overlay and without
     viewer.screenshot(str(out_dir / "viewer.png"), canvas_only=False)
     widget.labels_layer.visible = False
+    app.processEvents()  # the canvas redraws
     viewer.screenshot(str(out_dir / "viewer_without_labels.png"), canvas_only=False)
     widget.labels_layer.visible = True
     saved = widget.save(out_dir / "corrected.nii.gz")
