@@ -151,6 +151,7 @@ def test_an_error_is_shown_and_the_viewer_goes_on(viewer_session):
     assert "Error: model folder" in observations["status_after_error"]
     assert "checkpoint_missing.pth" in observations["status_after_error"]
     assert observations["labels_kept_after_error"]
+    assert "not named <trainer>__<plans>__<configuration>" in observations["status_after_wrong_folder"]
 
 
 def test_a_negative_click_removes_a_false_positive_and_no_other_class(viewer_session, case):

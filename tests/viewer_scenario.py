@@ -79,6 +79,7 @@ def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
     widget.start_refine()
     wait_until_idle(app, widget)
     observations["click_latency"] = widget.last_latency
+    observations["click_latency_parts"] = widget.last_latency_parts
     after_click = np.array(widget.labels_layer.data)
     widget.go_to_slice(slice_index)
     app.processEvents()
@@ -110,7 +111,13 @@ def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
     observations["negative_clicks_after_undo"] = len(viewer.layers[NEGATIVE].data)
     observations["undo_enabled_at_end"] = widget.undo_button.isEnabled()
 
-    # a checkpoint that is not there: the error is shown, the viewer and its label map stay
+    # a folder that is not a model folder, then a checkpoint that is not there: the errors are shown, the viewer
+    # and its label map stay
+    model_dir = widget.stage2_folder.text()
+    widget.stage2_folder.setText(str(out_dir))
+    widget.start_automatic_pass()
+    observations["status_after_wrong_folder"] = widget.status.text()
+    widget.stage2_folder.setText(model_dir)
     widget.checkpoint.setText("checkpoint_missing.pth")
     widget.start_automatic_pass()
     wait_until_idle(app, widget)

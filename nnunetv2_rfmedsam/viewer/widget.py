@@ -8,6 +8,7 @@ New clicks and boxes, on any slice, go to the selected class at the next "Refine
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -30,6 +31,18 @@ POSITIVE, NEGATIVE, BOXES = "positive clicks", "negative clicks", "boxes"
 CLASS_COLOURS = ("#e69f00", "#56b4e9", "#009e73", "#f0e442", "#cc79a7", "#d55e00", "#0072b2")
 
 
+def _shows_errors(slot):
+    """A button's slot: an exception becomes the widget's error line (PyQt aborts the process on an exception
+    that leaves a slot)."""
+    @functools.wraps(slot)
+    def guarded(self, *args):
+        try:
+            return slot(self)
+        except Exception as error:  # whatever went wrong, the person sees it and the viewer stays
+            self._fail(error)
+    return guarded
+
+
 class _Progress(QObject):
     changed = Signal(int, int, str)
 
@@ -44,6 +57,7 @@ class RFMedSAM2Widget(QWidget):
         self.labels_layer = None
         self.worker = None
         self.last_latency: float | None = None  # seconds from "Refine" to the updated layer
+        self.last_latency_parts: dict[str, float] = {}  # of which the refinement, and the layer's update
         self._used = {POSITIVE: 0, NEGATIVE: 0, BOXES: 0}  # rows of each prompt layer already refined
         self._used_before: list[dict[str, int]] = []       # per refinement, for undo
         self._progress = _Progress()
@@ -151,16 +165,13 @@ class RFMedSAM2Widget(QWidget):
 
     # --- automatic pass ---
 
+    @_shows_errors
     def start_automatic_pass(self) -> None:
-        try:
-            name = self.image_choice.currentText()
-            if not name:
-                raise ValueError("open an image with this plugin's reader first (File > Open, a NIfTI file)")
-            self.image_layer = self.viewer.layers[name]
-            models = self.model_choice()
-        except ValueError as error:
-            self._fail(error)
-            return
+        name = self.image_choice.currentText()
+        if not name:
+            raise ValueError("open an image with this plugin's reader first (File > Open, a NIfTI file)")
+        self.image_layer = self.viewer.layers[name]
+        models = self.model_choice()
         path = self.image_layer.metadata[SOURCE_PATH]
         self._run(run_automatic_pass, self._automatic_pass_done, path, models, self._progress.changed.emit)
 
@@ -227,27 +238,34 @@ class RFMedSAM2Widget(QWidget):
             boxes.append(Box(int(round(corners[0, 0])), float(y0), float(x0), float(y1), float(x1)))
         return clicks, boxes
 
+    @_shows_errors
     def start_refine(self) -> None:
         clicks, boxes = self.new_prompts()
         if not clicks and not boxes:
-            self._fail(ValueError("add clicks (the positive or negative clicks layer) or a box (the boxes layer) "
-                                  "first"))
-            return
+            raise ValueError("add clicks (the positive or negative clicks layer) or a box (the boxes layer) first")
         class_id = self.class_choice.currentData()
         started = time.perf_counter()
         used_now = {name: len(self.viewer.layers[name].data) for name in self._used}
+        base = np.asarray(self.labels_layer.data)
+        overwrite = self.overwrite.isChecked()
 
-        def done(label_map: np.ndarray) -> None:
+        def refine() -> tuple[np.ndarray, float]:
+            label_map = self.corrections.refine(class_id, clicks, boxes, overwrite, base)
+            return label_map, time.perf_counter() - started
+
+        def done(result: tuple[np.ndarray, float]) -> None:
+            label_map, computed = result
             self._used_before.append(dict(self._used))
             self._used = used_now
             self.labels_layer.data = label_map
             self.last_latency = time.perf_counter() - started
+            self.last_latency_parts = {"refinement": computed, "layer update": self.last_latency - computed}
             self.status.setText(f"Refined class {class_id} with {len(clicks)} click(s) and {len(boxes)} box(es) in "
                                 f"{self.last_latency:.1f} s.")
 
-        self._run(self.corrections.refine, done, class_id, clicks, boxes, self.overwrite.isChecked(),
-                  np.asarray(self.labels_layer.data))
+        self._run(refine, done)
 
+    @_shows_errors
     def undo(self) -> None:
         self.labels_layer.data = self.corrections.undo()
         self._used = self._used_before.pop()
@@ -255,6 +273,7 @@ class RFMedSAM2Widget(QWidget):
         self.status.setText("Undone.")
         self._enable()
 
+    @_shows_errors
     def reset(self) -> None:
         self.labels_layer.data = self.corrections.reset()
         self._used = {POSITIVE: 0, NEGATIVE: 0, BOXES: 0}
@@ -272,6 +291,7 @@ class RFMedSAM2Widget(QWidget):
 
     # --- saving ---
 
+    @_shows_errors
     def _choose_save_path(self) -> None:
         source = Path(self.image_layer.metadata[SOURCE_PATH])
         suggestion = source.with_name(source.name.replace("_0000", "").replace(".nii.gz", "_rfmedsam2.nii.gz"))
