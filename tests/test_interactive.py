@@ -309,6 +309,17 @@ def test_viewer_corrections_touch_one_class_and_undo_together(session, case):
     np.testing.assert_array_equal(corrections.undo(), refined)
     np.testing.assert_array_equal(corrections.undo(), truth)
     assert session._history == [] and not corrections.can_undo
+    # allowed to, a class takes other classes' voxels: it is then its mask everywhere
+    height, width = truth.shape[1:]
+    whole_slice = Box(slice2, 0, 0, height - 1, width - 1)
+    kept = corrections.refine(2, boxes=[whole_slice])
+    np.testing.assert_array_equal(kept == 1, truth == 1)
+    taken = corrections.refine(2, boxes=[whole_slice], overwrite=True, label_map=kept)
+    mask = session.class_mask(2)
+    np.testing.assert_array_equal(taken == 2, mask)
+    np.testing.assert_array_equal(taken == 1, (kept == 1) & ~mask)
+    np.testing.assert_array_equal(corrections.reset(), truth)
+    assert session._history == [] and not corrections.can_undo
     with pytest.raises(PromptError, match="outside the image"):
         corrections.refine(1, clicks=[Click(target, 500.0, 5.0, True)])
     assert session._history == []  # the seed of the refused refinement is taken back

@@ -35,7 +35,7 @@ def wait_until_idle(app, widget) -> float:
 def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
     from qtpy.QtWidgets import QApplication
     from nnunetv2_rfmedsam.viewer.launch import open_viewer
-    from nnunetv2_rfmedsam.viewer.widget import NEGATIVE, BOXES
+    from nnunetv2_rfmedsam.viewer.widget import BOXES, NEGATIVE, SLICE_ROLE
 
     out_dir = Path(out)
     observations: dict = {"errors": []}
@@ -65,7 +65,7 @@ def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
     if widget.doubtful.count():
         widget.doubtful.setCurrentRow(widget.doubtful.count() - 1)
         app.processEvents()
-        observations["went_to"] = {"item": widget.doubtful.currentItem().data(256),
+        observations["went_to"] = {"item": widget.doubtful.currentItem().data(SLICE_ROLE),
                                    "current_step": int(viewer.dims.current_step[0])}
 
     # a false positive of class 1: predicted, not in the ground truth; on the slice with most of them

@@ -16,7 +16,7 @@ import napari
 import numpy as np
 from napari.qt.threading import create_worker
 from napari.utils.colormaps import DirectLabelColormap
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                             QLineEdit, QListWidget, QListWidgetItem, QProgressBar, QPushButton, QVBoxLayout,
                             QWidget)
@@ -28,6 +28,7 @@ from nnunetv2_rfmedsam.viewer.reader import SOURCE_PATH
 
 POSITIVE, NEGATIVE, BOXES = "positive clicks", "negative clicks", "boxes"
 # one colour per class, distinct on a grey image (Okabe-Ito), then repeating
+SLICE_ROLE = Qt.ItemDataRole.UserRole  # a doubtful-slice entry's slice index
 CLASS_COLOURS = ("#e69f00", "#56b4e9", "#009e73", "#f0e442", "#cc79a7", "#d55e00", "#0072b2")
 
 
@@ -213,12 +214,12 @@ class RFMedSAM2Widget(QWidget):
         for found in doubtful_slices(result.stage1, result.cascade, result.stage1_probabilities,
                                      result.session.channel_of_label):
             item = QListWidgetItem(found.describe(result.session.class_names[found.class_id]))
-            item.setData(256, found.slice_index)  # Qt.UserRole
+            item.setData(SLICE_ROLE, found.slice_index)
             self.doubtful.addItem(item)
 
     def _go_to_doubtful(self, item, _previous=None) -> None:
         if item is not None:
-            self.go_to_slice(item.data(256))
+            self.go_to_slice(item.data(SLICE_ROLE))
 
     def go_to_slice(self, slice_index: int) -> None:
         layer = self.image_layer
