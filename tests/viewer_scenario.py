@@ -32,6 +32,20 @@ def wait_until_idle(app, widget) -> float:
     return time.perf_counter() - start
 
 
+def settle(app, seconds: float = 0.5) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def overlay_share(first: np.ndarray, second: np.ndarray) -> float:
+    """The share of pixels that differ between two screenshots (as tests/test_viewer.py counts them)."""
+    if first.shape != second.shape:
+        return 0.0
+    return float((np.abs(first[..., :3].astype(int) - second[..., :3].astype(int)).max(axis=-1) > 12).mean())
+
+
 def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
     from qtpy.QtWidgets import QApplication
     from nnunetv2_rfmedsam.viewer.launch import open_viewer
@@ -83,11 +97,17 @@ def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
     after_click = np.array(widget.labels_layer.data)
     widget.go_to_slice(slice_index)
     app.processEvents()
-    # the window (an offscreen canvas alone renders black under Xvfb), with the overlay and without
-    viewer.screenshot(str(out_dir / "viewer.png"), canvas_only=False)
+    # the window (an offscreen canvas alone renders black under Xvfb), with the overlay and without; the canvas
+    # redraws when Qt gets to it, which on a loaded machine took longer than one round of events
+    settle(app)
+    with_labels = viewer.screenshot(str(out_dir / "viewer.png"), canvas_only=False)
     widget.labels_layer.visible = False
-    app.processEvents()  # the canvas redraws
-    viewer.screenshot(str(out_dir / "viewer_without_labels.png"), canvas_only=False)
+    deadline = time.perf_counter() + 20
+    while True:
+        settle(app)
+        without = viewer.screenshot(str(out_dir / "viewer_without_labels.png"), canvas_only=False)
+        if overlay_share(with_labels, without) > 0.01 or time.perf_counter() > deadline:
+            break
     widget.labels_layer.visible = True
     saved = widget.save(out_dir / "corrected.nii.gz")
     observations["saved"] = str(saved)
