@@ -64,6 +64,10 @@ class SAM2Settings:
     # per image channel, the window (low, high) of nnU-Net's normalised intensities mapped to SAM 2's [0, 1] pixel
     # range; None: the planner's defaults (see model/frames.py)
     intensity_windows: list | None = None
+    # nnU-Net's test-time mirroring for stage 2: average over a flip of the last in-plane axis. Off by default: the
+    # flip doubles stage 2's prediction time (SAM 2 re-runs every slice on the flipped image), and stage 2's
+    # prompts already are stage 1's mirror ensemble
+    test_time_mirroring: bool = False
 
     def __post_init__(self):
         validate_model_size(self.model_size)
@@ -87,6 +91,8 @@ class SAM2Settings:
                 f"slices_per_patch: {self.slices_per_patch!r} is not allowed; use a positive integer")
         if not 0 <= self.box_jitter < 1:
             raise SettingsError(f"box_jitter: {self.box_jitter!r} is not allowed; use a fraction in [0, 1)")
+        if not isinstance(self.test_time_mirroring, bool):
+            raise SettingsError(f"test_time_mirroring: {self.test_time_mirroring!r} is not allowed; use true or false")
         if not isinstance(self.train_with_clicks, bool):
             raise SettingsError(f"train_with_clicks: {self.train_with_clicks!r} is not allowed; use true or false")
         if not 0 <= self.training_prompt_dropout < 1:

@@ -108,6 +108,7 @@ def build(plans: dict, dataset_json: dict, configuration: str, device: torch.dev
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
     from nnunetv2_rfmedsam.trainers import nnUNetTrainerRFMedSAM2, nnUNetTrainerRFPrompt
+    from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import stage2_mirror_axes
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration)
     trainer = nnUNetTrainerRFMedSAM2 if configuration == "3d_rfmedsam2" else nnUNetTrainerRFPrompt
@@ -116,7 +117,9 @@ def build(plans: dict, dataset_json: dict, configuration: str, device: torch.dev
     network = trainer.build_network_architecture(plans_manager, configuration_manager, num_inputs, heads,
                                                  False).to(device)
     # the mirroring each trainer allows at test time, as its checkpoint would record it
-    mirror_axes = (len(configuration_manager.patch_size) - 1,) if configuration == "3d_rfmedsam2" else (0, 1, 2)
+    mirror_axes = stage2_mirror_axes(configuration_manager.network_arch_init_kwargs,
+                                     len(configuration_manager.patch_size)) if configuration == "3d_rfmedsam2" \
+        else (0, 1, 2)
     return network, plans_manager, configuration_manager, mirror_axes, trainer
 
 

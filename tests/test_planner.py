@@ -30,7 +30,13 @@ def test_default_settings_are_written():
     assert written == {"model_size": "tiny", "image_size": 1024, "adapter_width": 32, "refinement_passes": 2,
                        "slices_per_patch": 8, "use_memory": True, "box_jitter": 0.1, "train_with_clicks": True,
                        "training_prompt_dropout": 0.25, "start_at_prompt": True, "presence_loss_weight": 1.0,
-                       "intensity_windows": None}
+                       "intensity_windows": None, "test_time_mirroring": False}
+
+
+def test_stage2_mirrors_at_test_time_only_when_the_plans_say_so():
+    from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import stage2_mirror_axes
+    assert stage2_mirror_axes(SAM2Settings().to_plans(), 3) is None  # nnU-Net's "no mirroring"
+    assert stage2_mirror_axes(SAM2Settings(test_time_mirroring=True).to_plans(), 3) == (2,)
 
 
 def test_standard_configurations_equal_stock_planning(planned_workspace):
@@ -49,11 +55,13 @@ def test_sam2_cli_options_reach_the_plans(nnunet_workspace, tmp_path):
     env = dict(nnunet_workspace["env"], nnUNet_preprocessed=str(tmp_path / "pre"))
     run_command([bin_command("nnUNetv2_rfmedsam_plan_and_preprocess"), "-d", str(DATASET_ID), "--no_pp",
                  "-npfp", "1", "--sam2-model", "small", "--sam2-image-size", "256", "--sam2-passes", "1",
-                 "--sam2-no-memory", "--sam2-plain-refiner", "--sam2-no-presence-loss"], env)
+                 "--sam2-no-memory", "--sam2-plain-refiner", "--sam2-no-presence-loss", "--sam2-test-time-mirroring"],
+                env)
     plans = json.loads((tmp_path / "pre" / DATASET_NAME / f"{PLANS}.json").read_text())
     written = plans["configurations"]["3d_rfmedsam2"]["architecture"]["arch_kwargs"]
     assert (written["model_size"], written["image_size"], written["refinement_passes"], written["use_memory"],
-            written["start_at_prompt"], written["presence_loss_weight"]) == ("small", 256, 1, False, False, 0.0)
+            written["start_at_prompt"], written["presence_loss_weight"], written["test_time_mirroring"]) == \
+        ("small", 256, 1, False, False, 0.0, True)
 
 
 @pytest.mark.parametrize("option, value, expected", [

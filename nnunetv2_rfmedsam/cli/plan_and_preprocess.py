@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sam2-no-click-training", action="store_true",
                         help="train the second refinement pass without clicks sampled from the first pass's errors "
                              "(an ablation; the refiner then learns box and mask prompts only)")
+    parser.add_argument("--sam2-test-time-mirroring", action="store_true",
+                        help="stage 2 also averages over a flip of the last in-plane axis at test time, as nnU-Net "
+                             "mirrors (doubles stage 2's prediction time; off by default: its prompts already are "
+                             "stage 1's mirror ensemble)")
     return parser
 
 
@@ -107,6 +111,7 @@ def sam2_settings_from_args(args: argparse.Namespace) -> SAM2Settings:
     values["use_memory"] = not args.sam2_no_memory
     values["train_with_clicks"] = not args.sam2_no_click_training
     values["start_at_prompt"] = not args.sam2_plain_refiner
+    values["test_time_mirroring"] = args.sam2_test_time_mirroring
     if args.sam2_no_presence_loss:
         values["presence_loss_weight"] = 0.0
     try:

@@ -30,6 +30,11 @@ def weights_fingerprint(network: torch.nn.Module) -> tuple[float, ...]:
         return tuple(float(t.float().sum()) for t in network.state_dict().values() if t.is_floating_point())
 
 
+def stage2_mirror_axes(arch_kwargs: dict, dimensions: int) -> tuple[int, ...] | None:
+    """The test-time mirroring axes stage 2 allows, by the plans' SAM 2 settings (None: no mirroring)."""
+    return (dimensions - 1,) if SAM2Settings.from_plans(arch_kwargs).test_time_mirroring else None
+
+
 class nnUNetTrainerRFMedSAM2(AtomicCheckpointMixin, SupportedDatasetMixin, EnvironmentBudgetMixin,
                              nnUNetTrainer):
     """Stage 2, the SAM 2 refiner: nnUNetTrainer, except
@@ -39,7 +44,7 @@ class nnUNetTrainerRFMedSAM2(AtomicCheckpointMixin, SupportedDatasetMixin, Envir
     - AdamW with warmup on the trainable parameters only (adapters and mask-decoder heads);
     - no deep supervision; every refinement pass is supervised instead;
     - stage-1 predictions come from nnUNetTrainerRFPrompt's `predicted_next_stage` folder;
-    - test-time mirroring along one axis only;
+    - test-time mirroring off, or along one in-plane axis with the plans' `test_time_mirroring`;
     - each training step hands the network its target, for the second pass's clicks at the first pass's errors;
     - region-based datasets and more than three image channels are refused (dataset_support.py);
     - checkpoints replace their files atomically (a kill while one is written loses nothing).
@@ -100,9 +105,10 @@ class nnUNetTrainerRFMedSAM2(AtomicCheckpointMixin, SupportedDatasetMixin, Envir
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         # Training keeps nnU-Net's mirroring (it is free). At test time nnU-Net averages all 2^n flips of the
-        # allowed axes, and each flip re-runs SAM 2 on every slice: one in-plane axis doubles the cost, where
-        # nnU-Net's three axes would multiply it by eight.
-        self.inference_allowed_mirroring_axes = (len(self.configuration_manager.patch_size) - 1,)
+        # allowed axes, and each flip re-runs SAM 2 on every slice: nnU-Net's three axes would multiply stage 2's
+        # time by eight, one in-plane axis (the plans' switch) doubles it. None: nnU-Net's "no mirroring".
+        self.inference_allowed_mirroring_axes = stage2_mirror_axes(
+            self.configuration_manager.network_arch_init_kwargs, len(self.configuration_manager.patch_size))
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     def initialize(self):
