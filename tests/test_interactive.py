@@ -504,19 +504,19 @@ def synthetic_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def second_pass_point_labels(network: RFMedSAM2Network, x: torch.Tensor, target=None) -> list[list[int]]:
     """The point labels SAM 2 gets on each slice of the second pass (one row per object)."""
-    calls, stepping, original_step = [], [None], SliceWalk.step
-    original = network.sam._track_step
+    calls, correcting, original_step = [], [False], SliceWalk.step
+    original = network.sam._forward_sam_heads
 
-    def step(walk, *args, **kwargs):  # one walk per pass; the first one to step is pass 1's
-        stepping[0] = walk
+    def step(walk, *args, **kwargs):  # pass 2 corrects pass 1's output on the slice
+        correcting[0] = kwargs.get("correcting") is not None
         return original_step(walk, *args, **kwargs)
 
     def recording(*args, **kwargs):
         points = kwargs["point_inputs"]  # None on the slices training leaves unprompted in pass 1
-        calls.append((stepping[0], None if points is None else points["point_labels"]))
+        calls.append((correcting[0], None if points is None else points["point_labels"]))
         return original(*args, **kwargs)
 
-    network.sam._track_step = recording
+    network.sam._forward_sam_heads = recording
     if target is not None:
         network.set_click_targets(target)
     SliceWalk.step = step
@@ -525,10 +525,9 @@ def second_pass_point_labels(network: RFMedSAM2Network, x: torch.Tensor, target=
             network(x)
     finally:
         SliceWalk.step = original_step
-        del network.sam._track_step
-    walks = list(dict.fromkeys(walk for walk, _ in calls))
-    assert len(walks) == 2, "expected SAM 2 steps of two passes"
-    return [labels.tolist() for walk, labels in calls if walk is walks[1]]
+        del network.sam._forward_sam_heads
+    assert {second for second, _ in calls} == {False, True}, "expected SAM 2 heads of two passes"
+    return [labels.tolist() for second, labels in calls if second]
 
 
 def test_second_pass_gets_clicks_at_first_pass_errors_in_training_only():

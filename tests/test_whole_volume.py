@@ -45,11 +45,14 @@ def fresh_network(**settings) -> RFMedSAM2Network:
 
 
 class EncoderCalls:
-    """Counts the frames SAM 2's image encoder sees and the objects of each `_track_step`."""
+    """Counts the frames SAM 2's image encoder sees, the objects of each `_track_step` and of each run of SAM 2's
+    heads (a step's, or a correction's), and the objects through memory attention and the memory encoder."""
 
     def __init__(self, network: RFMedSAM2Network):
-        self.frames, self.objects = 0, []
-        forward_image, track_step = network.sam.forward_image, network.sam._track_step
+        self.frames, self.objects, self.heads, self.attended, self.encoded = 0, [], [], [], []
+        sam = network.sam
+        forward_image, track_step, heads = sam.forward_image, sam._track_step, sam._forward_sam_heads
+        attention, encode_memory = sam.memory_attention.forward, sam._encode_new_memory
 
         def counting_forward_image(frames):
             self.frames += frames.shape[0]
@@ -59,7 +62,21 @@ class EncoderCalls:
             self.objects.append(kwargs["current_vision_feats"][0].shape[1])
             return track_step(*args, **kwargs)
 
-        network.sam.forward_image, network.sam._track_step = counting_forward_image, counting_track_step
+        def counting_heads(*args, **kwargs):
+            self.heads.append(kwargs["backbone_features"].shape[0])
+            return heads(*args, **kwargs)
+
+        def counting_attention(*args, **kwargs):
+            self.attended.append(kwargs["curr"][0].shape[1])
+            return attention(*args, **kwargs)
+
+        def counting_encode_memory(*args, **kwargs):
+            self.encoded.append(kwargs["pred_masks_high_res"].shape[0])
+            return encode_memory(*args, **kwargs)
+
+        sam.forward_image, sam._track_step, sam._forward_sam_heads = counting_forward_image, counting_track_step, \
+            counting_heads
+        sam.memory_attention.forward, sam._encode_new_memory = counting_attention, counting_encode_memory
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +118,11 @@ def test_predictor_encodes_each_slice_once_per_mirror_and_keeps_geometry(predict
                                                           None, False)
         results[whole_volumes] = (calls.frames, shapes, segmentation)
     frames, shapes, segmentation = results[True]
-    # one call per test-time mirror (the trainer mirrors one axis), each with the whole volume
-    assert len(shapes) == 2 and shapes[0] == shapes[1]
-    assert frames == 2 * shapes[0][0]
+    # one call per test-time mirror (here one axis, the plans' switch), each with the whole volume; every slice
+    # encoded once per mirror, up to the last slice with a stage-1 foreground (after it, nothing is walked)
+    assert len(shapes) == 2 and shapes[0] == shapes[1] and shapes[0][0] == stage1.shape[0]
+    walked = int(np.nonzero(stage1.any(axis=(1, 2)))[0][-1]) + 1
+    assert frames == 2 * walked
     assert segmentation.shape == image.shape[1:]
     assert set(np.unique(segmentation)) <= {0, 1, 2} and (segmentation > 0).any()
     # nnU-Net's sliding window, for comparison, encodes slices once per overlapping window and mirror
@@ -174,8 +193,58 @@ def test_absent_objects_skip_sam2_and_change_nothing(monkeypatch, start_at_promp
     monkeypatch.setattr(network, "_objects_to_track", lambda objects: torch.arange(objects.shape[0]))
     calls = EncoderCalls(network)
     everything = run(network, x)
-    assert calls.objects == [2] * (2 * x.shape[2])
+    # pass 1 steps both objects on every slice, pass 2 corrects them there
+    assert calls.objects == [2] * x.shape[2] and calls.heads == [2] * (2 * x.shape[2])
     torch.testing.assert_close(skipped, everything, rtol=0, atol=1e-4)
+
+
+def test_slices_after_the_last_foreground_are_neither_encoded_nor_walked(monkeypatch):
+    x = hippocampus_volume()
+    labelled = x[0, 1:].flatten(2).any(dim=2).any(dim=0).nonzero()[:, 0]
+    last = int(labelled[-1])
+    x = x[:, :, last - 9:last + 4]  # 10 slices with foreground, then 3 without
+    network = fresh_network()
+    calls = EncoderCalls(network)
+    walked = run(network, x)
+    assert calls.frames == 10
+    assert (walked[0, 1:, 10:] == (2 * x[0, 1:, 10:] - 1) * network_module.PROMPT_LOGIT * 0.4 +
+            0.6 * refinement.ABSENT_LOGIT).all()
+
+    class RunEveryObject(refinement.SliceWalk):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **dict(kwargs, skip_absent=False))
+
+    monkeypatch.setattr(network_module, "SliceWalk", RunEveryObject)
+    network = fresh_network()
+    calls = EncoderCalls(network)
+    torch.testing.assert_close(walked, run(network, x), rtol=0, atol=1e-4)
+    assert calls.frames == 13
+
+
+def test_the_second_pass_corrects_each_slice_against_the_memory_of_the_final_pass(monkeypatch):
+    """Per slice, memory attention and the memory encoder run once for every object (pass 1's features serve
+    pass 2's correction, and the final result is remembered), and the reuse is exact: pass 2 recomputing its
+    memory-conditioned features with SAM 2's `_track_step` on the same memory bank gives the same logits."""
+    x = hippocampus_volume()
+    both = (x[0, 1].flatten(1).any(dim=1) & x[0, 2].flatten(1).any(dim=1)).nonzero()[:, 0]
+    x = x[:, :, int(both[0]):int(both[0]) + 8]  # both classes on every slice: none is skipped as absent
+    depth = x.shape[2]
+    assert x[0, 1:].flatten(2).any(dim=2).all()
+    network = fresh_network()
+    calls = EncoderCalls(network)
+    reused = run(network, x)
+    assert calls.attended == [2] * (depth - 1)  # slice 0 is the conditioning frame: no memory to attend to
+    assert calls.encoded == [2] * (depth - 1)  # the last slice's memory would serve no slice
+    assert calls.objects == [2] * depth and calls.heads == [2] * (2 * depth)
+
+    monkeypatch.setattr(refinement.SliceOutput, "conditioned_for", lambda self, objects: None)
+    network = fresh_network()
+    calls = EncoderCalls(network)
+    recomputed = run(network, x)
+    assert calls.objects == [2] * (2 * depth) and calls.attended == [2] * (2 * (depth - 1))
+    torch.testing.assert_close(reused, recomputed, rtol=0, atol=1e-5)
+    assert not torch.allclose(reused[:, 1:], (2 * x[:, 1:] - 1) * network_module.PROMPT_LOGIT), \
+        "SAM 2 left no trace in the output: the comparison would be vacuous"
 
 
 def test_a_volume_without_any_foreground_costs_no_encoder_call():

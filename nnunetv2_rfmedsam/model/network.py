@@ -199,11 +199,26 @@ class RFMedSAM2Network(nn.Module):
             needed |= ~(self.prompt_gates > -1).all(dim=0)
         return every[needed]
 
+    def _slices_to_walk(self, objects: torch.Tensor, tracked: torch.Tensor, walk: SliceWalk) -> int:
+        """How many of the first slices SAM 2 has to walk for the `tracked` of the objects (N, D, H, W). In
+        prediction (objects absent by their prompts skipped), slices after the last one where any object's mask is
+        present give ABSENT_LOGIT whatever the memory, and their memory would serve no later slice; so the walk
+        ends there, as exact as skipping absent objects (the same gate condition, `_objects_to_track`)."""
+        depth = objects.shape[1]
+        gates_keep_absence = self.prompt_gates is None or bool((self.prompt_gates > -1).all())
+        if not (walk.skip_absent and walk.in_slice_order and gates_keep_absence and
+                self.departures.presence_from_prompts):
+            return depth
+        present = objects.flatten(2).any(dim=2)[tracked].any(dim=0).nonzero()
+        return int(present[-1]) + 1 if len(present) else 0
+
     def _refine(self, x: torch.Tensor, keep_all_passes: bool = True) -> TrainingOutput:
-        """The refinement passes, slice by slice: every pass tracks slice d (SliceWalk) before any pass moves
-        on, so each slice's image features are computed once and serve every pass. In training the patch's
-        slices are encoded together; in prediction SLICES_PER_ENCODER_CALL at a time, so a volume's features
-        never exist at once and memory grows with one slice and the memory bank, not with the volume."""
+        """The refinement passes, slice by slice: pass 1 tracks slice d (SliceWalk), the next pass corrects it
+        from pass 1's result against the same memory, and the final pass's result is slice d's memory for the
+        slices after it; so each slice's image features and memory attention are computed once and serve every
+        pass. In training the patch's slices are encoded together; in prediction SLICES_PER_ENCODER_CALL at a
+        time, so a volume's features never exist at once and memory grows with one slice and the memory bank, not
+        with the volume; and the walk ends after the last slice with a stage-1 foreground (`_slices_to_walk`)."""
         batch, _, depth, height, width = x.shape
         passes = self.settings.refinement_passes
         click_targets = self._object_click_targets(x)
@@ -215,29 +230,32 @@ class RFMedSAM2Network(nn.Module):
         first_prompts = None
         if self.training:
             first_prompts = self._first_pass_prompts(objects)
-        walks = [SliceWalk(self.sam, depth, self.settings.use_memory, self.departures,
-                           first_prompts.unprompted if first_prompts is not None else frozenset(),
-                           skip_absent=predicting) for _ in range(passes)]
-        chunk = SLICES_PER_ENCODER_CALL if predicting and walks[0].in_slice_order else depth
+        walk = SliceWalk(self.sam, depth, self.settings.use_memory, self.departures,
+                         first_prompts.unprompted if first_prompts is not None else frozenset(),
+                         skip_absent=predicting)
+        chunk = SLICES_PER_ENCODER_CALL if predicting and walk.in_slice_order else depth
+        walked = self._slices_to_walk(objects, tracked, walk)
         kept = range(passes) if keep_all_passes else [passes - 1]
         logits = {p: x.new_empty((batch, self.num_foreground_classes + 1, depth, height, width), dtype=torch.float32)
                   for p in kept}
         scores = [x.new_full((objects.shape[0], depth), ABSENT_SCORE, dtype=torch.float32) for _ in range(passes)]
         features, chunk_start = None, None
-        for step, d in enumerate(walks[0].order):
-            if len(tracked) and (features is None or not chunk_start <= d < chunk_start + chunk):
+        for step, d in enumerate(walk.order):
+            stepping = len(tracked) > 0 and d < walked
+            if stepping and (features is None or not chunk_start <= d < chunk_start + chunk):
                 chunk_start = 0 if chunk == depth else d
-                stop = min(depth, chunk_start + chunk)
+                stop = min(walked, chunk_start + chunk)
                 features = None  # the previous chunk's features go before the next ones come
                 features = encode_slices(self.sam, self.sam_frames(x[:, :self.image_channels, chunk_start:stop]),
                                          stop - chunk_start)
                 if first_prompts is None or chunk != depth:
                     first_prompts = self._first_pass_prompts(objects[tracked, chunk_start:stop])
-            prompts, prompt_slice = first_prompts, d - (chunk_start or 0)
-            for refinement_pass, walk in enumerate(walks):
+            prompts, prompt_slice, out = first_prompts, d - (chunk_start or 0), None
+            for refinement_pass in range(passes):
                 sam_logits = torch.full((objects.shape[0], 1, height, width), ABSENT_LOGIT, device=x.device)
-                if len(tracked):
-                    out = walk.step(step, features, d - chunk_start, prompts, prompt_slice)
+                if stepping:
+                    out = walk.step(step, features, d - chunk_start, prompts, prompt_slice, correcting=out,
+                                    remember=refinement_pass == passes - 1)
                     grid = logits_to_grid(out.low_res, (height, width))
                     if self.departures.presence_from_prompts:
                         # resampling a constant is only nearly constant in floating point: restore it exactly
@@ -247,7 +265,7 @@ class RFMedSAM2Network(nn.Module):
                 slice_logits = self._class_logits(sam_logits, stage1[:, :, d:d + 1], refinement_pass)
                 if refinement_pass in logits:
                     logits[refinement_pass][:, :, d:d + 1] = slice_logits
-                if refinement_pass + 1 < passes and len(tracked):
+                if refinement_pass + 1 < passes and stepping:
                     prompts = self._next_pass_prompts(slice_logits, out, tracked, click_targets, d)
                     prompt_slice = 0
             if predicting and self.slice_progress is not None:

@@ -2,7 +2,9 @@
 
 Every (batch item, class) pair is one SAM 2 object; the N = B * K objects of a slice are batched in SAM 2's
 batch dimension (object n is batch item n // K, class n % K). The image encoder runs once per slice
-(`encode_slices`), and its features serve every object and every pass.
+(`encode_slices`), and its features serve every object and every pass; memory attention runs once per slice and
+object too: a later refinement pass corrects the slice on the features pass 1 conditioned on memory
+(`SliceWalk`), and the final pass's result is the slice's memory.
 
 With memory, slice 0 is the conditioning frame and each later slice is conditioned, through memory attention,
 on slice 0's memory and on the memories and object pointers of the slices before it, the way SAM 2's video
@@ -105,6 +107,16 @@ class SliceOutput:
     object_score: torch.Tensor  # (N, 1)
     present: torch.Tensor       # (N,) bool
     memory: dict | None         # SAM 2's frame output (MEMORY_KEYS), or None when no memory was written
+    # the slice's image features conditioned on the memory bank (SAM 2's `pix_feat`, (N, C, h, w)) of the objects
+    # that went through memory attention (`conditioned_objects`, (N,) bool), for a correction of the same slice
+    conditioned: torch.Tensor | None = None
+    conditioned_objects: torch.Tensor | None = None
+
+    def conditioned_for(self, objects: torch.Tensor) -> torch.Tensor | None:
+        """The memory-conditioned features of `objects`, if all of them have some."""
+        if self.conditioned is None or not bool(self.conditioned_objects[objects].all()):
+            return None
+        return self.conditioned[objects]
 
 
 def logits_to_grid(low_res: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -211,10 +223,29 @@ def _absent_memory(sam_model: SAM2Base, vision_feats: list[torch.Tensor], feat_s
     return memory
 
 
+def _high_res_features(vision_feats: list[torch.Tensor], feat_sizes) -> list[torch.Tensor] | None:
+    """SAM 2's high-resolution feature maps for its mask decoder, (HW)BC -> BCHW, as `_track_step` makes them."""
+    if len(vision_feats) == 1:
+        return None
+    return [x.permute(1, 2, 0).view(x.size(1), x.size(2), *size) for x, size in zip(vision_feats[:-1], feat_sizes[:-1])]
+
+
+def _correct(sam_model: SAM2Base, conditioned: torch.Tensor, vision_feats: list[torch.Tensor], feat_sizes,
+             point_inputs: dict | None, mask_inputs: torch.Tensor | None, is_init_cond_frame: bool) -> tuple:
+    """SAM 2's heads on a slice's memory-conditioned features with new prompts: what `_track_step` computes on the
+    same slice and memory bank, without running memory attention again (as Meta's training re-runs
+    `_forward_sam_heads` for its correction clicks)."""
+    return sam_model._forward_sam_heads(
+        backbone_features=conditioned, point_inputs=point_inputs, mask_inputs=mask_inputs,
+        high_res_features=_high_res_features(vision_feats, feat_sizes),
+        multimask_output=sam_model._use_multimask(is_init_cond_frame, point_inputs))
+
+
 def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int, prompts: ObjectPrompts,
                 prompt_slice: int, memory_bank: dict | MemoryBank, is_init_cond_frame: bool, reverse: bool = False,
                 write_memory: bool = True, departures: Departures = REFINER, frame_index: int | None = None,
-                num_frames: int | None = None, skip_absent: bool = False) -> SliceOutput:
+                num_frames: int | None = None, skip_absent: bool = False,
+                correcting: SliceOutput | None = None) -> SliceOutput:
     """SAM 2's `_track_step` on one slice for all N objects of `prompts` (its slice `prompt_slice`), conditioned
     on `memory_bank` ({"cond_frame_outputs": {t: out}, "non_cond_frame_outputs": {t: out}}), then the slice's
     memory (see the module docstring).
@@ -222,7 +253,11 @@ def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int
     The slice is image `feature_slice` of `features` and frame `frame_index` (default: the same) of a volume of
     `num_frames` slices (default: those of `features`). `skip_absent` (prediction, one image for all objects):
     objects absent by their prompts on this slice run no SAM 2 step at all; their output is ABSENT_LOGIT, their
-    object score ABSENT_SCORE and their memory the one SAM 2 writes for an absent object, as with the step."""
+    object score ABSENT_SCORE and their memory the one SAM 2 writes for an absent object, as with the step.
+
+    `correcting`: an earlier output on this slice against the same memory bank (the refinement's pass before);
+    objects it conditioned on memory reuse those features (`_correct`: the same result as the step, without
+    memory attention), the others run the step."""
     frame_index = feature_slice if frame_index is None else frame_index
     num_frames = features.num_slices if num_frames is None else num_frames
     output_dict = getattr(memory_bank, "output_dict", memory_bank)
@@ -230,20 +265,29 @@ def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int
     vision_feats, vision_pos_embeds = features.for_objects(feature_slice, num_objects)
     groups, skipped = _prompt_groups(prompts, prompt_slice, departures,
                                      skip_absent=skip_absent and features.batch_size == 1)
-    low_res, high_res, obj_ptr, object_score = [], [], [], []
+    low_res, high_res, obj_ptr, object_score, conditioned = [], [], [], [], []
     for group in groups:
         whole = len(groups) == 1 and not skipped
+        group_feats = vision_feats if whole else [x[:, group.objects] for x in vision_feats]
         with sam2_call_flags(sam_model, departures, group.prompted):
-            _, sam_outputs, _, _ = sam_model._track_step(
-                frame_idx=frame_index, is_init_cond_frame=is_init_cond_frame,
-                current_vision_feats=vision_feats if whole else [x[:, group.objects] for x in vision_feats],
-                current_vision_pos_embeds=vision_pos_embeds if whole else [x[:, group.objects]
-                                                                           for x in vision_pos_embeds],
-                feat_sizes=features.feat_sizes, point_inputs=group.point_inputs, mask_inputs=group.mask_inputs,
-                output_dict=output_dict if whole else _objects_of(output_dict, group.objects),
-                num_frames=num_frames, track_in_reverse=reverse, prev_sam_mask_logits=None)
+            # SAM 2 copies a mask prompt to the output without its heads when told to (SAM2_BEHAVIOUR)
+            through_memory = group.mask_inputs is None or not sam_model.use_mask_input_as_output_without_sam
+            earlier = correcting.conditioned_for(group.objects) if correcting is not None and through_memory \
+                else None
+            if earlier is not None:
+                sam_outputs, pix_feat = _correct(sam_model, earlier, group_feats, features.feat_sizes,
+                                                 group.point_inputs, group.mask_inputs, is_init_cond_frame), earlier
+            else:
+                _, sam_outputs, _, pix_feat = sam_model._track_step(
+                    frame_idx=frame_index, is_init_cond_frame=is_init_cond_frame, current_vision_feats=group_feats,
+                    current_vision_pos_embeds=vision_pos_embeds if whole else [x[:, group.objects]
+                                                                               for x in vision_pos_embeds],
+                    feat_sizes=features.feat_sizes, point_inputs=group.point_inputs, mask_inputs=group.mask_inputs,
+                    output_dict=output_dict if whole else _objects_of(output_dict, group.objects),
+                    num_frames=num_frames, track_in_reverse=reverse, prev_sam_mask_logits=None)
         for gathered, value in zip((low_res, high_res, obj_ptr, object_score), sam_outputs[3:]):
             gathered.append(value)
+        conditioned.append(pix_feat if through_memory else None)
     device = vision_feats[0].device
     tracked = torch.cat([g.objects for g in groups]) if groups else torch.zeros(0, dtype=torch.long, device=device)
     quarter = sam_model.image_size // 4
@@ -251,6 +295,15 @@ def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int
     full_score = torch.full((num_objects, 1), ABSENT_SCORE, device=device)
     present = torch.zeros(num_objects, dtype=torch.bool, device=device)
     memory = {} if write_memory else None
+    kept_features, kept_objects = None, None
+    if any(c is not None for c in conditioned):
+        kept_objects = torch.zeros(num_objects, dtype=torch.bool, device=device)
+        shape = next(c for c in conditioned if c is not None).shape[1:]
+        kept_features = vision_feats[-1].new_zeros((num_objects, *shape))
+        for group, features_of_group in zip(groups, conditioned):
+            if features_of_group is not None:
+                kept_features = kept_features.index_copy(0, group.objects, features_of_group.to(kept_features.dtype))
+                kept_objects[group.objects] = True
     if groups:
         # back into object order
         order = torch.argsort(tracked)
@@ -291,18 +344,22 @@ def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int
             # the memory; training keeps float32, as Meta's training does
             memory["maskmem_features"] = memory["maskmem_features"].to(torch.bfloat16)
         memory = {key: memory[key] for key in MEMORY_KEYS}
-    return SliceOutput(low_res=full_low_res, object_score=full_score, present=present, memory=memory)
+    return SliceOutput(low_res=full_low_res, object_score=full_score, present=present, memory=memory,
+                       conditioned=kept_features, conditioned_objects=kept_objects)
 
 
 class SliceWalk:
-    """One refinement pass through the D slices of a patch or volume, in SAM 2's order, with its memory bank.
+    """A walk through the D slices of a patch or volume, in SAM 2's order, with its memory bank.
 
     With memory, slice 0 is the conditioning frame and the others follow in order, each tracked from the
     memories before it (`Departures.prompted_slices_use_memory`); with the departure off, every prompted slice
     is a conditioning frame, segmented first, as SAM2VideoPredictor treats prompts given on several frames
-    before it propagates. Without memory every slice is an initial frame and nothing is remembered. Several
-    walks (one per refinement pass) advance together slice by slice: a pass's prompts on a slice come from the
-    pass before on the same slice only."""
+    before it propagates. Without memory every slice is an initial frame and nothing is remembered.
+
+    The refinement passes share the walk: on each slice, pass 1 is tracked, each later pass corrects it with its
+    own prompts against the same memory (`correcting`, reusing pass 1's memory-conditioned features), and only
+    the final pass's result is remembered (`remember`), as SAM 2 re-encodes a frame's memory after a person's
+    correction of it and before it propagates further."""
 
     def __init__(self, sam_model: SAM2Base, num_slices: int, use_memory: bool, departures: Departures = REFINER,
                  unprompted: frozenset[int] = frozenset(), skip_absent: bool = False):
@@ -321,15 +378,16 @@ class SliceWalk:
         return self.order == list(range(self.num_slices))
 
     def step(self, step_index: int, features: SliceFeatures, feature_slice: int, prompts: ObjectPrompts,
-             prompt_slice: int) -> SliceOutput:
-        """Track the walk's `step_index`-th slice, image `feature_slice` of `features`."""
+             prompt_slice: int, correcting: SliceOutput | None = None, remember: bool = True) -> SliceOutput:
+        """Track the walk's `step_index`-th slice, image `feature_slice` of `features`, or correct the output
+        `correcting` of an earlier pass there; `remember`: this result becomes the slice's memory."""
         d = self.order[step_index]
         conditioning = d in self.conditioning
         out = track_slice(self.sam, features, feature_slice, prompts, prompt_slice, self.bank,
                           is_init_cond_frame=conditioning or not self.use_memory,
-                          write_memory=self.use_memory and step_index < self.num_slices - 1,
+                          write_memory=remember and self.use_memory and step_index < self.num_slices - 1,
                           departures=self.departures, frame_index=d, num_frames=self.num_slices,
-                          skip_absent=self.skip_absent)
+                          skip_absent=self.skip_absent, correcting=correcting)
         if out.memory is not None:
             self.bank.add(d, out.memory, conditioning)
         return out
