@@ -46,6 +46,19 @@ DATASET_ID, DATASET_NAME, PLANS = 4, "Dataset004_Hippocampus", "nnUNetRFMedSAM2P
 ABDOMEN_CT = REPO_ROOT.parent / "shared" / "data" / "AbdomenCT_example"
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: a spawned child's starts at its parent's peak,
+    which Linux carries over the fork and exec of multiprocessing's spawn."""
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM:"))
+
+
+def reset_peak_resident() -> None:
+    """Restart VmHWM from the current RSS (Linux's clear_refs), so that it measures one phase."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
 def resident_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -194,9 +207,9 @@ def benchmark_prediction(raw: Path, cases: list[str], plans: dict, dataset_json:
 def benchmark_depth_memory(plans: dict, dataset_json: dict, depths: list[int], image_size: int, device) -> list:
     """Peak memory of whole-volume refinement through nnU-Net's predictor (with its mirroring) on a real
     hippocampus case resampled along its slice axis to each depth, each depth in a fresh process that differs in
-    nothing else: the process's peak RSS (and its rise above the peak before predicting, often 0 where building
-    the network peaked higher), against the size of the volume's own arrays (input and logits; nnU-Net's
-    mirroring holds about two inputs and three logits at once)."""
+    nothing else: the process's peak RSS, and the peak while predicting above the RSS just before it, against the
+    size of the volume's own arrays (input and logits; nnU-Net's mirroring holds about two inputs and three
+    logits at once)."""
     import multiprocessing
     rows = []
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
@@ -209,8 +222,6 @@ def benchmark_depth_memory(plans: dict, dataset_json: dict, depths: list[int], i
 
 
 def _depth_memory_child(plans: dict, dataset_json: dict, depth: int, image_size: int, device_name: str) -> dict:
-    import resource
-
     import SimpleITK as sitk
     import torch.nn.functional as F
     device = torch.device(device_name)
@@ -229,7 +240,9 @@ def _depth_memory_child(plans: dict, dataset_json: dict, depth: int, image_size:
     labels = F.interpolate(torch.from_numpy(label)[None, None], size=shape, mode="nearest")[0, 0]
     data = torch.cat([volume, (labels == 1).float()[None], (labels == 2).float()[None]])
     arrays = (2 * data.numel() + 3 * 3 * labels.numel()) * 4
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    built_peak = peak_resident_bytes()
+    reset_peak_resident()
+    before = resident_bytes()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         vram_before = torch.cuda.memory_allocated()
@@ -237,9 +250,10 @@ def _depth_memory_child(plans: dict, dataset_json: dict, depth: int, image_size:
     with torch.no_grad():
         predictor.predict_sliding_window_return_logits(data)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_resident_bytes()
     return {"slices": depth, "shape": list(shape), "image_size": image_size, "refine_s": seconds,
-            "peak_rss_mb": (peak - before) / 2**20, "process_peak_rss_mb": peak / 2**20,
+            "peak_rss_mb": (peak - before) / 2**20, "process_peak_rss_mb": max(peak, built_peak) / 2**20,
+            "predict_peak_rss_mb": peak / 2**20,
             "volume_arrays_mb": arrays / 2**20,
             "peak_vram_mb": (torch.cuda.max_memory_allocated() - vram_before) / 2**20 if device.type == "cuda"
             else None}
