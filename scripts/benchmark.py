@@ -431,8 +431,11 @@ def print_tables(results: dict) -> None:
     if results.get("demo"):
         d = results["demo"]
         print(f"\nthe demo's trained models, {len(d['cases'])} held-back cases, default test-time mirroring")
+        stage1 = d["stage1"]["s_per_case"]
         for method in ("stage1", "cascade_whole_volume", "cascade_windowed"):
-            print(f"  {method:<22} {d[method]['s_per_case']:6.2f} s per case, Dice "
+            ratio = "" if method == "stage1" else \
+                f", cascade over stage 1 {(stage1 + d[method]['s_per_case']) / stage1:.2f}x"
+            print(f"  {method:<22} {d[method]['s_per_case']:6.2f} s per case{ratio}, Dice "
                   f"{' / '.join(f'{v:.4f}' for v in d[method]['dice'].values())} (mean {d[method]['mean_dice']:.4f})")
 
 
