@@ -239,3 +239,52 @@ def test_boxes_on_two_slices_are_two_conditioning_frames_like_the_video_predicto
                   for departures in (SAM2_BEHAVIOUR, layout_only)]
     assert not torch.allclose(*scores, atol=1e-3)  # slice 3 itself (both score it absent: compare the scores)
     assert not torch.equal(departing[1], ours[1]) and not torch.equal(departing[2], ours[2])
+
+
+def test_pass_two_corrects_each_slice_like_a_click_in_the_video_predictor(video_case):
+    """The refinement passes' walk (model/refinement.py SliceWalk): on each slice pass 1 is tracked, then pass 2
+    corrects it against the same memory, and the corrected result is what later slices remember. In the video
+    predictor that is: track a frame, click on it (the click plus the frame's previous logits as SAM 2's mask
+    input), move on to the next frame. A box starts slice 0; later slices are tracked from memory, then clicked."""
+    from nnunetv2_rfmedsam.model.refinement import SliceWalk
+    size, adapted, predictor, folder = video_case
+    clicks = {d: ((100.0, 115.0, POSITIVE_CLICK) if d % 2 == 0 else (70.0, 80.0, NEGATIVE_CLICK))
+              for d in range(NUM_SLICES)}
+    tracked, corrected = {}, {}
+    with torch.inference_mode():
+        state = predictor.init_state(video_path=str(folder))
+        _, _, masks = predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, box=np.array(BOX))
+        tracked[0] = masks[0, 0].clone().float()
+        for d in range(NUM_SLICES):
+            if d > 0:
+                for frame, _, masks in predictor.propagate_in_video(state, start_frame_idx=d, max_frame_num_to_track=0):
+                    assert frame == d
+                    tracked[d] = masks[0, 0].clone().float()
+            x, y, label = clicks[d]
+            # slice 0 keeps its box beside the click, as the refiner's pass 2 boxes its first result
+            _, _, masks = predictor.add_new_points_or_box(state, frame_idx=d, obj_id=1, points=np.array([[x, y]]),
+                                                          labels=np.array([label]), clear_old_points=d > 0)
+            corrected[d] = masks[0, 0].clone().float()
+    frames = state["images"].clone()
+    # SAM 2's behaviour, except that a mask prompt goes through the decoder, as the video predictor feeds a frame's
+    # previous logits back with a click
+    departures = dataclasses.replace(SAM2_BEHAVIOUR, mask_prompts_through_decoder=True)
+    first = one_object(size, box=BOX, num_slices=NUM_SLICES, unprompted=frozenset(range(1, NUM_SLICES)))
+    ours_tracked, ours_corrected = {}, {}
+    with torch.no_grad():
+        features = encode_slices(adapted, frames, NUM_SLICES)
+        walk = SliceWalk(adapted, NUM_SLICES, True, departures, first.unprompted)
+        assert walk.in_slice_order
+        for d in range(NUM_SLICES):
+            out = walk.step(d, features, d, first, d, remember=False)
+            # the video predictor clamps the previous logits it feeds back
+            correction = one_object(size, box=BOX if d == 0 else None, points=[clicks[d]],
+                                    mask_logits=out.low_res[0, 0].clamp(-32.0, 32.0))
+            ours_tracked[d] = out.low_res[0]
+            ours_corrected[d] = walk.step(d, features, d, correction, 0, correcting=out).low_res[0]
+    for d in range(NUM_SLICES):
+        torch.testing.assert_close(upsampled(ours_tracked[d], size)[0], tracked[d], **TOLERANCE, msg=f"slice {d}")
+        torch.testing.assert_close(upsampled(ours_corrected[d], size)[0], corrected[d], **TOLERANCE,
+                                   msg=f"corrected slice {d}")
+    # the clicks changed what SAM 2 segments, and the corrected memory what later slices get
+    assert not torch.allclose(corrected[2], tracked[2], **TOLERANCE)
