@@ -112,9 +112,10 @@ def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
     saved = widget.save(out_dir / "corrected.nii.gz")
     observations["saved"] = str(saved)
 
-    # a box for class 2 around its automatic mask on its largest slice
-    class2_slice = int(np.argmax((automatic == 2).sum(axis=(1, 2))))
-    ys, xs = np.nonzero(automatic[class2_slice] == 2)
+    # a box for class 2 around the structure (its ground truth) on its largest slice, as a person draws it: the
+    # automatic result of the random SAM 2 here may have lost class 2 altogether
+    class2_slice = int(np.argmax((truth == 2).sum(axis=(1, 2))))
+    ys, xs = np.nonzero(truth[class2_slice] == 2)
     corners = [[class2_slice, ys.min(), xs.min()], [class2_slice, ys.min(), xs.max()],
                [class2_slice, ys.max(), xs.max()], [class2_slice, ys.max(), xs.min()]]
     widget.class_choice.setCurrentIndex(widget.class_choice.findData(2))
