@@ -296,7 +296,10 @@ def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int
     present = torch.zeros(num_objects, dtype=torch.bool, device=device)
     memory = {} if write_memory else None
     kept_features, kept_objects = None, None
-    if any(c is not None for c in conditioned):
+    if len(groups) == 1 and not skipped and conditioned[0] is not None:
+        # the common case, one call for every object: its features are in object order already
+        kept_features, kept_objects = conditioned[0], torch.ones(num_objects, dtype=torch.bool, device=device)
+    elif any(c is not None for c in conditioned):
         kept_objects = torch.zeros(num_objects, dtype=torch.bool, device=device)
         shape = next(c for c in conditioned if c is not None).shape[1:]
         kept_features = vision_feats[-1].new_zeros((num_objects, *shape))
