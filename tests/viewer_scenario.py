@@ -95,20 +95,22 @@ def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
     observations["click_latency"] = widget.last_latency
     observations["click_latency_parts"] = widget.last_latency_parts
     after_click = np.array(widget.labels_layer.data)
-    widget.go_to_slice(slice_index)
+    # the window (an offscreen canvas alone renders black under Xvfb), with the overlay and without, on the slice
+    # with the most labelled voxels (the click may have left its own slice with few); the canvas redraws when Qt
+    # gets to it, which on a loaded machine took longer than one round of events: both shots are retaken until
+    # they differ (either one may have been taken before the canvas showed its layer change)
+    widget.go_to_slice(int(np.argmax((after_click > 0).sum(axis=(1, 2)))))
     app.processEvents()
-    # the window (an offscreen canvas alone renders black under Xvfb), with the overlay and without; the canvas
-    # redraws when Qt gets to it, which on a loaded machine took longer than one round of events
-    settle(app)
-    with_labels = viewer.screenshot(str(out_dir / "viewer.png"), canvas_only=False)
-    widget.labels_layer.visible = False
-    deadline = time.perf_counter() + 20
+    deadline = time.perf_counter() + 30
     while True:
+        widget.labels_layer.visible = False
         settle(app)
         without = viewer.screenshot(str(out_dir / "viewer_without_labels.png"), canvas_only=False)
+        widget.labels_layer.visible = True
+        settle(app)
+        with_labels = viewer.screenshot(str(out_dir / "viewer.png"), canvas_only=False)
         if overlay_share(with_labels, without) > 0.01 or time.perf_counter() > deadline:
             break
-    widget.labels_layer.visible = True
     saved = widget.save(out_dir / "corrected.nii.gz")
     observations["saved"] = str(saved)
 
