@@ -243,12 +243,10 @@ def test_jitter_stays_within_fraction_and_image():
 
 
 def test_boxes_and_masks_scale_to_sam_frame():
-    # pixel centres map to pixel centres: a box over the whole (20, 24) grid covers the centres of the
-    # outermost pixels of its 64 x 64 resize
+    # sam2's predictors scale a user's pixel coordinates by S / W along x and S / H along y
     box = torch.tensor([0.0, 0.0, 23.0, 19.0])
     scaled = boxes_to_square_frame(box, (20, 24), 64)
-    torch.testing.assert_close(scaled, torch.tensor([0.5 * 64 / 24 - 0.5, 0.5 * 64 / 20 - 0.5,
-                                                     23.5 * 64 / 24 - 0.5, 19.5 * 64 / 20 - 0.5]))
+    torch.testing.assert_close(scaled, torch.tensor([0.0, 0.0, 23.0 * 64 / 24, 19.0 * 64 / 20]))
     assert torch.equal(boxes_to_square_frame(box, (64, 64), 64), box)
     masks = torch.zeros(2, 20, 24)
     masks[0] = 1

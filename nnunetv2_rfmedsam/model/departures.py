@@ -3,8 +3,21 @@
 Everything not named here runs as sam2 1.1.0 runs it: the refiner calls SAM 2's own `_track_step`,
 `_forward_sam_heads` and `_encode_new_memory`, with SAM 2's prompt layout (a box as its two corner points,
 then the clicks; only real points, so SAM 2's rule gives one or no point the three-mask output), its memory
-layout for frames without prompts, and in evaluation its predictor's bfloat16 memory storage. tests/test_fidelity.py holds the refiner to
-SAM2ImagePredictor and SAM2VideoPredictor with shared weights.
+layout for frames without prompts, and in evaluation its predictor's bfloat16 memory storage. Frames are made
+as sam2's `SAM2Transforms` makes them from an image in [0, 1] (frames.py), and box and click coordinates are
+scaled as sam2's predictors scale a user's pixel coordinates (x / W * S, prompts.py). tests/test_fidelity.py holds
+the refiner's SAM 2 calls to SAM2ImagePredictor and SAM2VideoPredictor with shared weights, and
+tests/test_fidelity_path.py the whole path from nnU-Net's preprocessed volume and a stage-1 label map, with
+planted bugs that must break the comparison.
+
+sam2's optional post-processing is not applied (the refiner builds SAM 2 with `apply_postprocessing=False`,
+sam2_model.py, and the fidelity tests build sam2's predictors the same way). sam2's builders turn it on by
+default; it changes three things, in evaluation only: the single-mask output may be swapped for a multimask output
+judged more stable (`dynamic_multimask_via_stability`), the memory of a frame with clicks or a box is encoded
+from its binarised mask instead of the sigmoid of its logits (`binarize_mask_from_pts_for_mem_enc`), and small
+holes in output masks are filled (`fill_hole_area`, only with sam2's CUDA extension). Why not: the refiner is
+trained, as Meta trains SAM 2, where none of these apply (each is skipped in training mode), and evaluation must
+decode and remember as training did.
 
 The departures:
 - `presence_from_prompts`: on a slice where an object has prompts, the prompts say whether it is there (a box

@@ -2,7 +2,9 @@
 
 SAM 2 sees each slice resized to S x S without preserving the aspect ratio (as its video predictor loads
 frames), so prompts are scaled per axis from the patch grid (H, W) to S x S. Coordinates are pixel indices
-(x, y), with pixel centres mapped to pixel centres as the bilinear frame resize does.
+(x, y), scaled as sam2's predictors scale the coordinates a user gives them (`SAM2Transforms.transform_coords`,
+`SAM2VideoPredictor.add_new_points_or_box`: x / W * S, y / H * S), so a box or click reaches SAM 2's prompt
+encoder where it would through sam2's own predictors given the slice as an image.
 
 Plain torch, no SAM 2: the label values below are SAM's prompt-encoder conventions.
 """
@@ -71,10 +73,11 @@ def jitter_boxes(boxes: torch.Tensor, present: torch.Tensor, fraction: float, im
 
 
 def points_to_square_frame(points: torch.Tensor, image_hw: tuple[int, int], size: int) -> torch.Tensor:
-    """Points (..., 2) as (x, y) pixel indices of an (H, W) grid -> pixel indices of that grid resized to
-    size x size."""
+    """Points (..., 2) as (x, y) pixel indices of an (H, W) grid -> coordinates in that grid resized to
+    size x size, in sam2's convention (x / W * size, y / H * size; see the module docstring)."""
     height, width = image_hw
-    return (points + 0.5) * points.new_tensor([size / width, size / height]) - 0.5
+    # in sam2's order of operations (divide, then multiply), so that the float32 coordinates are sam2's to the bit
+    return points / points.new_tensor([width, height]) * size
 
 
 def boxes_to_square_frame(boxes: torch.Tensor, image_hw: tuple[int, int], size: int) -> torch.Tensor:

@@ -50,6 +50,9 @@ ABSENT_LOGIT = -20.0
 # given as output, `SAM2Base._use_mask_as_output`)
 PRESENT_SCORE, ABSENT_SCORE = 10.0, -10.0
 MEMORY_KEYS = ("maskmem_features", "maskmem_pos_enc", "obj_ptr")
+# SAM2VideoPredictor keeps memories in bfloat16 (`_run_single_frame_inference`): the same values as it reads them,
+# half the memory; training keeps float32, as Meta's training does
+EVALUATION_MEMORY_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -241,6 +244,12 @@ def _correct(sam_model: SAM2Base, conditioned: torch.Tensor, vision_feats: list[
         multimask_output=sam_model._use_multimask(is_init_cond_frame, point_inputs))
 
 
+def _remembered_present(present: torch.Tensor, prompted: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
+    """(N,) which objects a slice's memory remembers as present: those present there, except that an object found
+    from memory alone (not `prompted`) whose mask is empty is remembered as absent."""
+    return present & (prompted | (low_res > 0).flatten(1).any(dim=1))
+
+
 def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int, prompts: ObjectPrompts,
                 prompt_slice: int, memory_bank: dict | MemoryBank, is_init_cond_frame: bool, reverse: bool = False,
                 write_memory: bool = True, departures: Departures = REFINER, frame_index: int | None = None,
@@ -325,8 +334,7 @@ def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int
         if write_memory:
             memory_score = object_score
             if departures.presence_from_prompts:
-                # an object found from memory alone whose mask is empty is remembered as absent
-                remembered = tracked_present & (prompted | (low_res > 0).flatten(1).any(dim=1))
+                remembered = _remembered_present(tracked_present, prompted, low_res)
                 obj_ptr = torch.where(remembered[:, None], obj_ptr, sam_model.no_obj_ptr)
                 high_res = torch.where(remembered[:, None, None, None], high_res, NO_OBJ_SCORE)
                 memory_score = torch.where(remembered[:, None], PRESENT_SCORE, ABSENT_SCORE)
@@ -343,9 +351,7 @@ def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int
                 "maskmem_pos_enc": [torch.cat(pair)[order] for pair in zip(memory["maskmem_pos_enc"],
                                                                             absent["maskmem_pos_enc"])]}
         if not sam_model.training:
-            # SAM2VideoPredictor keeps memories in bfloat16 (`_run_single_frame_inference`): same values, half
-            # the memory; training keeps float32, as Meta's training does
-            memory["maskmem_features"] = memory["maskmem_features"].to(torch.bfloat16)
+            memory["maskmem_features"] = memory["maskmem_features"].to(EVALUATION_MEMORY_DTYPE)
         memory = {key: memory[key] for key in MEMORY_KEYS}
     return SliceOutput(low_res=full_low_res, object_score=full_score, present=present, memory=memory,
                        conditioned=kept_features, conditioned_objects=kept_objects)
