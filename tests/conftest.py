@@ -200,11 +200,13 @@ def kill_when_logged(command: list[str], env: dict, fold_folder: Path, line: str
 
 
 def write_gated_checkpoint(source: Path, target: Path, gate: float) -> Path:
-    """A copy of the nnU-Net checkpoint `source` with every prompt gate set to `gate`."""
+    """A copy of the nnU-Net checkpoint `source` with every prompt gate set to `gate` (clamped into GATE_RANGE:
+    0 gives the gates' start, stage 1's label map; 1 gives SAM 2's logits)."""
     import torch
+    from nnunetv2_rfmedsam.model.network import PROMPT_GATE_LOGITS, gate_logits
     checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    gates = checkpoint["network_weights"]["prompt_gates"]
-    checkpoint["network_weights"]["prompt_gates"] = torch.full_like(gates, gate)
+    logits = checkpoint["network_weights"][PROMPT_GATE_LOGITS]
+    checkpoint["network_weights"][PROMPT_GATE_LOGITS] = gate_logits(torch.full_like(logits, gate))
     torch.save(checkpoint, target)
     return target
 

@@ -431,7 +431,7 @@ def test_weights_reference_sam2s_frozen_part_and_load_it_from_the_file(loaded_ne
     for key, value in torch.nn.Module.state_dict(fresh).items():
         assert torch.equal(value, full[key]), key
     assert fresh.sam2_reference == loaded_network.sam2_reference
-    with pytest.raises(RuntimeError, match="missing keys.*prompt_gates|missing keys.*adapter"):
+    with pytest.raises(RuntimeError, match="missing keys.*prompt_gate_logits|missing keys.*adapter"):
         make_network().load_state_dict({k: v for k, v in weights.items() if ".adapter." not in k})
 
 
@@ -532,9 +532,11 @@ def test_refuses_wrong_shapes(loaded_network, checkpoint_dir, tiny_state_dict):
 
 @pytest.mark.parametrize("seed", [0, 7])
 def test_untrained_refiner_returns_its_prompt_whatever_sam2_weights(seed):
-    """With the gate at its start, every pass's class logits are the stage-1 masks' (+-10 against background 0),
-    so the argmax is stage 1's segmentation, for any SAM 2 weights (two random seeds) and in both modes."""
-    from nnunetv2_rfmedsam.model.network import PROMPT_LOGIT
+    """With the gate at its start, every pass's class logits are the stage-1 masks' (+-10 against background 0)
+    moved by at most GATE_START of SAM 2's departure, so the argmax is stage 1's segmentation, for any SAM 2
+    weights (two random seeds) and in both modes."""
+    from sam2.modeling.sam2_base import NO_OBJ_SCORE
+    from nnunetv2_rfmedsam.model.network import GATE_START, PROMPT_LOGIT
     net = make_network(seed=seed, start_at_prompt=True)
     x = synthetic_patch()
     stage1 = x[:, 1:]
@@ -544,8 +546,50 @@ def test_untrained_refiner_returns_its_prompt_whatever_sam2_weights(seed):
         with torch.no_grad():
             passes = net(x, return_all_passes=True).passes
         for logits in passes:
-            torch.testing.assert_close(logits[:, 1:], (2 * stage1 - 1) * PROMPT_LOGIT, atol=0, rtol=0)
+            departure = (logits[:, 1:] - (2 * stage1 - 1) * PROMPT_LOGIT).abs()
+            assert departure.max() <= GATE_START * (abs(NO_OBJ_SCORE) + PROMPT_LOGIT)
             assert torch.equal(logits.argmax(1), expected_argmax)
+
+
+def test_the_gates_start_keeps_stage1s_label_map_for_sam2_logits_below_1e4():
+    """GATE_START's claim: at the start, SAM 2 logits of any magnitude below ~1e4 (NO_OBJ_SCORE, -1024, included)
+    leave stage 1's label map as it is; beyond the bound they would not."""
+    from sam2.modeling.sam2_base import NO_OBJ_SCORE
+    net = make_network(start_at_prompt=True)
+    stage1 = synthetic_patch()[:1, 1:, :3]  # (1, K, D, H, W): both classes, and slices without either
+    expected = torch.where(stage1.sum(1) > 0, stage1.argmax(1) + 1, 0)
+    extremes = torch.tensor([NO_OBJ_SCORE, -9980.0, -100.0, 0.0, 100.0, 1024.0, 9980.0])
+    choice = torch.randint(len(extremes), stage1.shape, generator=torch.Generator().manual_seed(0))
+    sam_logits = extremes[choice].reshape(-1, *stage1.shape[2:])  # one object per class
+    for refinement_pass in range(net.settings.refinement_passes):
+        logits = net._class_logits(sam_logits, stage1, refinement_pass)
+        assert torch.equal(logits.argmax(1), expected)
+    against_every_prompt = torch.where(stage1 > 0, -2e4, 2e4).reshape(sam_logits.shape)
+    assert (net._class_logits(against_every_prompt, stage1, 0).argmax(1) != expected).all()
+
+
+def test_gates_stay_between_prompt_and_sam2_and_older_checkpoints_load_theirs(tiny_checkpoint):
+    """The gates are the sigmoid of their logits, so no logit puts them outside [0, 1]; they are read-only and set
+    by value (clamped into GATE_RANGE). A checkpoint written with the gates themselves (`prompt_gates`, any
+    value) loads, strictly, with each gate clamped into GATE_RANGE."""
+    from nnunetv2_rfmedsam.model.network import GATE_RANGE, GATE_START
+    net = make_network(start_at_prompt=True)
+    torch.testing.assert_close(net.prompt_gates, torch.full((2, NUM_CLASSES), GATE_START))
+    with torch.no_grad():
+        net.prompt_gate_logits.copy_(torch.tensor([[-1e4, -3.0], [3.0, 1e4]]))
+    assert ((net.prompt_gates >= 0) & (net.prompt_gates <= 1)).all()
+    with pytest.raises(AttributeError):
+        net.prompt_gates = torch.ones(2, NUM_CLASSES)
+    net.set_prompt_gates(0.6)
+    torch.testing.assert_close(net.prompt_gates, torch.full((2, NUM_CLASSES), 0.6))
+    net.load_sam2_checkpoint(tiny_checkpoint)
+    older = net.state_dict()
+    del older["prompt_gate_logits"]
+    older["prompt_gates"] = torch.tensor([[-0.4, 0.0], [0.3, 1.7]])
+    loaded = make_network(seed=3, start_at_prompt=True)
+    loaded.load_state_dict(older)
+    torch.testing.assert_close(loaded.prompt_gates, torch.tensor([[GATE_RANGE[0], GATE_RANGE[0]],
+                                                                  [0.3, GATE_RANGE[1]]]))
 
 
 def test_the_gate_learns_and_the_plain_refiner_has_none(tiny_checkpoint):
@@ -556,7 +600,7 @@ def test_the_gate_learns_and_the_plain_refiner_has_none(tiny_checkpoint):
     target = torch.where(x[:, 1:].sum(1) > 0, x[:, 1:].argmax(1) + 1, 0)
     loss = sum(F.cross_entropy(o, target) for o in net(x).passes)
     loss.backward()
-    assert net.prompt_gates.grad is not None and net.prompt_gates.grad.abs().sum() > 0
+    assert net.prompt_gate_logits.grad is not None and net.prompt_gate_logits.grad.abs().sum() > 0
     assert make_network(start_at_prompt=False).prompt_gates is None
 
 

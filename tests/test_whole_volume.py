@@ -38,9 +38,8 @@ def fresh_network(**settings) -> RFMedSAM2Network:
     torch.manual_seed(0)
     network = RFMedSAM2Network(3, 3, image_size=TEST_SAM2_IMAGE_SIZE, **settings).eval()
     if network.prompt_gates is not None:
-        with torch.no_grad():
-            # a refiner that moves away from its prompt, so SAM 2's part shows in the output
-            network.prompt_gates.fill_(0.6)
+        # a refiner that moves away from its prompt, so SAM 2's part shows in the output
+        network.set_prompt_gates(0.6)
     return network
 
 

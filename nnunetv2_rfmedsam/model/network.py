@@ -6,9 +6,11 @@ Output: logits (B, K + 1, D, H, W): a constant 0 background logit, then one logi
 
 Starting at the prompt (`start_at_prompt`, on by default): a class's logit is the stage-1 mask's logit
 (+-PROMPT_LOGIT) plus a learned per-class, per-pass gate times SAM 2's departure from it,
-`prompt + gate * (sam - prompt)`. The gates start at 0, so an untrained refiner returns stage 1's segmentation
-exactly, whatever SAM 2's weights are, and training learns how far to move from it (weight decay pulls the
-gates back towards the prompt). Off: the paper's plain refiner, SAM 2's logits alone.
+`prompt + gate * (sam - prompt)`. Each gate is the sigmoid of a trained logit, so it stays in (0, 1) whatever
+training does: the result lies between stage 1's mask and SAM 2's logits, never beyond either. The gates start
+at GATE_START, where an untrained refiner returns stage 1's segmentation voxel for voxel, whatever SAM 2's
+weights are, and training learns how far to move from it (the trainer leaves the gate logits out of weight
+decay, which would pull every gate towards 0.5). Off: the paper's plain refiner, SAM 2's logits alone.
 
 Point prompts in training (`train_with_clicks`): the trainer hands the network the training target before a
 forward (`set_click_targets`); the second pass then also gets one click per object and slice at the first
@@ -46,9 +48,30 @@ BACKGROUND_LOGIT = 0.0
 # the logit of a stage-1 mask where the refinement starts: foreground +10, background -10 against the constant
 # background logit 0 (SAM 2's own scale for masks given as logits, `_use_mask_as_output`)
 PROMPT_LOGIT = 10.0
+# the prompt gates' start. A sigmoid never reaches 0, and far in its tail its gradient vanishes (Adam's epsilon
+# then damps the step); at 1e-3 the gradient is a thousandth of the gate's, which Adam's normalisation turns into
+# its usual step, and the start still is stage 1's label map: a foreground prompt's logit
+# PROMPT_LOGIT + GATE_START * (sam - PROMPT_LOGIT) stays above the background's 0, and a background prompt's below
+# it, for any SAM 2 logit |sam| < PROMPT_LOGIT / GATE_START - PROMPT_LOGIT (~1e4; SAM 2's NO_OBJ_SCORE is -1024)
+GATE_START = 1e-3
+# gates given by value (`gate_logits`: older checkpoints' gates, tests, tools) are clamped into this range, since
+# 0 and 1 have no finite logit. Below: a gate under the start gives the start's label maps (see above) from deeper
+# in the sigmoid's flat tail, where it would hardly train; above: at 1 - 1e-6 the output is SAM 2's logits to
+# float32 precision, and its logit (13.8) still has a gradient.
+GATE_RANGE = (GATE_START, 1.0 - 1e-6)
+# the parameter holding the gates' logits (the trainer keeps it out of weight decay)
+PROMPT_GATE_LOGITS = "prompt_gate_logits"
+# the key under which checkpoints written before the sigmoid held the gates themselves
+LEGACY_PROMPT_GATES = "prompt_gates"
 # slices whose image features are computed together in prediction: a few for the encoder's batch efficiency
 # on a GPU, never a volume's worth
 SLICES_PER_ENCODER_CALL = 4
+
+
+def gate_logits(gates) -> torch.Tensor:
+    """Gate values -> the logits whose sigmoid they are, after clamping them into GATE_RANGE (a gate outside
+    [0, 1], which unconstrained gates could learn, becomes its nearest bound)."""
+    return torch.logit(torch.as_tensor(gates, dtype=torch.float32).clamp(*GATE_RANGE))
 
 
 @dataclass
@@ -83,9 +106,10 @@ class RFMedSAM2Network(nn.Module):
         inject_adapters(self.sam, self.settings.adapter_width, memory_attention=trains_memory_attention)
         freeze_for_finetuning(self.sam, train_object_score=self.settings.presence_loss_weight > 0)
         if self.settings.start_at_prompt:
-            self.prompt_gates = nn.Parameter(torch.zeros(self.settings.refinement_passes, self.num_foreground_classes))
+            start = torch.full((self.settings.refinement_passes, self.num_foreground_classes), GATE_START)
+            self.prompt_gate_logits = nn.Parameter(gate_logits(start))
         else:
-            self.register_parameter("prompt_gates", None)
+            self.register_parameter(PROMPT_GATE_LOGITS, None)
         self.departures = REFINER
         # plans written before the planner chose windows: nnU-Net's default normalisation is the z-score
         self.intensity_windows = self.settings.intensity_windows or [list(ZSCORE_WINDOW)] * self.image_channels
@@ -103,6 +127,16 @@ class RFMedSAM2Network(nn.Module):
         self.slice_progress = None
         whole_volume_prediction.install()
         cascade_inputs.install()
+
+    @property
+    def prompt_gates(self) -> torch.Tensor | None:
+        """The gates (passes, K) in (0, 1), each the sigmoid of its logit; None for the plain refiner."""
+        return None if self.prompt_gate_logits is None else torch.sigmoid(self.prompt_gate_logits)
+
+    def set_prompt_gates(self, value) -> None:
+        """Set the gates (a number, or one per pass and class) to `value`, clamped into GATE_RANGE."""
+        with torch.no_grad():
+            self.prompt_gate_logits.copy_(gate_logits(value).expand_as(self.prompt_gate_logits))
 
     def sam_frames(self, image: torch.Tensor) -> torch.Tensor:
         """Image channels (B, C, D, H, W) in nnU-Net's normalised units -> SAM 2 frames (frames.py)."""
@@ -125,13 +159,16 @@ class RFMedSAM2Network(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """nn.Module's load, except that weights with a SAM 2 reference (see `state_dict`) load SAM 2's frozen
-        weights from the file it names first (unless this network holds them already)."""
+        weights from the file it names first (unless this network holds them already), and that the prompt gates
+        of checkpoints written before their sigmoid load as their logits (`gate_logits`)."""
         # Stage-2 checkpoints written before the memory-attention adapters were left out where training cannot
         # reach them (no memory, one slice per patch) carry them at their identity start: dropping them is exact.
         own = super().state_dict().keys()
         state_dict = {key: value for key, value in state_dict.items()
                       if key in own or key == REFERENCE_KEY
                       or not (key.startswith("sam.memory_attention.") and ".adapter." in key)}
+        if LEGACY_PROMPT_GATES in state_dict and PROMPT_GATE_LOGITS not in state_dict:
+            state_dict[PROMPT_GATE_LOGITS] = gate_logits(state_dict.pop(LEGACY_PROMPT_GATES))
         encoded = state_dict.pop(REFERENCE_KEY, None)
         if encoded is None:
             result = super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -188,26 +225,21 @@ class RFMedSAM2Network(nn.Module):
     def _objects_to_track(self, objects: torch.Tensor) -> torch.Tensor:
         """Indices of the objects (N, D, H, W) SAM 2 has to track. In prediction (one image, presence from
         prompts), an object absent from every slice's stage-1 mask is absent from every result, so it costs
-        nothing; that holds while its gates keep an absent prompt absent (gate > -1: the logit is
-        -PROMPT_LOGIT + gate * (ABSENT_LOGIT + PROMPT_LOGIT) < 0)."""
+        nothing: SAM 2's logit there is ABSENT_LOGIT, and a gate in (0, 1) keeps the class logit between it and
+        the prompt's -PROMPT_LOGIT, both below the background's."""
         every = torch.arange(objects.shape[0], device=objects.device)
         if self.training or objects.shape[0] != self.num_foreground_classes or \
                 not self.departures.presence_from_prompts:
             return every
-        needed = objects.flatten(1).any(dim=1)
-        if self.prompt_gates is not None:
-            needed |= ~(self.prompt_gates > -1).all(dim=0)
-        return every[needed]
+        return every[objects.flatten(1).any(dim=1)]
 
     def _slices_to_walk(self, objects: torch.Tensor, tracked: torch.Tensor, walk: SliceWalk) -> int:
         """How many of the first slices SAM 2 has to walk for the `tracked` of the objects (N, D, H, W). In
         prediction (objects absent by their prompts skipped), slices after the last one where any object's mask is
         present give ABSENT_LOGIT whatever the memory, and their memory would serve no later slice; so the walk
-        ends there, as exact as skipping absent objects (the same gate condition, `_objects_to_track`)."""
+        ends there, as exact as skipping absent objects (`_objects_to_track`)."""
         depth = objects.shape[1]
-        gates_keep_absence = self.prompt_gates is None or bool((self.prompt_gates > -1).all())
-        if not (walk.skip_absent and walk.in_slice_order and gates_keep_absence and
-                self.departures.presence_from_prompts):
+        if not (walk.skip_absent and walk.in_slice_order and self.departures.presence_from_prompts):
             return depth
         present = objects.flatten(2).any(dim=2)[tracked].any(dim=0).nonzero()
         return int(present[-1]) + 1 if len(present) else 0
@@ -290,7 +322,7 @@ class RFMedSAM2Network(nn.Module):
         # SAM 2's own logits are its mask prompt (as Meta feeds them back), unless the result is the gated mix,
         # whose mask then prompts like a stage-1 mask
         mask_logits = masks_to_prompt_logits(predicted, size // MASK_PROMPT_STRIDE) \
-            if self.prompt_gates is not None else out.low_res.detach()
+            if self.prompt_gate_logits is not None else out.low_res.detach()
         prompts = prompts_from_masks(predicted, size, mask_logits=mask_logits)
         if click_targets is not None:
             prompts = add_error_clicks(prompts, predicted, click_targets[tracked, d:d + 1], size)
@@ -300,9 +332,9 @@ class RFMedSAM2Network(nn.Module):
         """SAM 2's per-object logits (N, D, H, W) -> class logits (B, K + 1, D, H, W), gated with the stage-1
         masks (B, K, D, H, W) when the refinement starts at its prompt."""
         per_class = sam_logits.float().reshape(stage1.shape)
-        if self.prompt_gates is not None:
+        if self.prompt_gate_logits is not None:
             prompt = (2 * stage1.float() - 1) * PROMPT_LOGIT
-            gate = self.prompt_gates[refinement_pass].reshape(1, -1, 1, 1, 1)
+            gate = torch.sigmoid(self.prompt_gate_logits[refinement_pass]).reshape(1, -1, 1, 1, 1)
             per_class = prompt + gate * (per_class - prompt)
         background = torch.full_like(per_class[:, :1], BACKGROUND_LOGIT)
         return torch.cat([background, per_class], dim=1)

@@ -10,6 +10,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_rfmedsam.budget import EnvironmentBudgetMixin
 from nnunetv2_rfmedsam.dataset_support import SupportedDatasetMixin
+from nnunetv2_rfmedsam.model.network import PROMPT_GATE_LOGITS
 from nnunetv2_rfmedsam.model.sam2_checkpoint import SAM2CheckpointError
 from nnunetv2_rfmedsam.settings import (OFFICIAL_CHECKPOINT_HINT, SAM2_CHECKPOINT_VARIABLE, STAGE1_TRAINER,
                                         SAM2Settings)
@@ -35,13 +36,25 @@ def stage2_mirror_axes(arch_kwargs: dict, dimensions: int) -> tuple[int, ...] | 
     return (dimensions - 1,) if SAM2Settings.from_plans(arch_kwargs).test_time_mirroring else None
 
 
+def optimizer_parameter_groups(network: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters as AdamW's parameter groups: the prompt gates' logits without weight decay (it
+    would pull each logit towards 0, its gate towards 0.5 rather than towards the prompt), the rest with it."""
+    trainable = [(name, p) for name, p in network.named_parameters() if p.requires_grad]
+    # by the last name part: torch.compile's wrapper prefixes the names
+    gates = [p for name, p in trainable if name.rsplit(".", 1)[-1] == PROMPT_GATE_LOGITS]
+    rest = [p for name, p in trainable if name.rsplit(".", 1)[-1] != PROMPT_GATE_LOGITS]
+    groups = [{"params": rest, "weight_decay": weight_decay}, {"params": gates, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 class nnUNetTrainerRFMedSAM2(AtomicCheckpointMixin, SupportedDatasetMixin, EnvironmentBudgetMixin,
                              nnUNetTrainer):
     """Stage 2, the SAM 2 refiner: nnUNetTrainer, except
 
     - the network is the plans' `RFMedSAM2Network` (SAM 2 with adapters), built by the stock
       `build_network_architecture`; its SAM 2 weights are loaded from an official checkpoint when training starts;
-    - AdamW with warmup on the trainable parameters only (adapters and mask-decoder heads);
+    - AdamW with warmup on the trainable parameters only (adapters, mask-decoder heads, prompt gates), without
+      weight decay on the prompt gates' logits (`optimizer_parameter_groups`);
     - no deep supervision; every refinement pass is supervised instead;
     - stage-1 predictions come from nnUNetTrainerRFPrompt's `predicted_next_stage` folder;
     - test-time mirroring off, or along one in-plane axis with the plans' `test_time_mirroring`;
@@ -83,8 +96,8 @@ class nnUNetTrainerRFMedSAM2(AtomicCheckpointMixin, SupportedDatasetMixin, Envir
         super()._set_batch_size_and_oversample()
 
     def configure_optimizers(self):
-        trainable = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.initial_lr, weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(optimizer_parameter_groups(self.network, self.weight_decay),
+                                      lr=self.initial_lr)
         warmup = max(1, round(self.warmup_fraction * self.num_epochs))
         return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, warmup)
 
