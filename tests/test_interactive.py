@@ -327,6 +327,24 @@ def test_viewer_corrections_touch_one_class_and_undo_together(session, case):
         corrections.refine(1)
 
 
+def test_set_image_refuses_non_finite_voxels_and_keeps_the_image(session, case, tmp_path):
+    """NaN and infinity, in a file (MetaImage: SimpleITK's NIfTI reader turns them into 0) or an array, are refused
+    before anything is computed; the image set before stays."""
+    voxels = sitk.GetArrayFromImage(case["sitk"]).astype(np.float32)
+    voxels[3, 10, 10], voxels[4, 0, 0] = np.nan, np.inf
+    path = tmp_path / "non_finite.mha"
+    written = sitk.GetImageFromArray(voxels)
+    written.CopyInformation(case["sitk"])
+    sitk.WriteImage(written, str(path))
+    image, features = session.image, session.features
+    for bad, name in ((path, f"image {path}"), (voxels, "image array")):
+        with pytest.raises(InteractiveError) as error:
+            session.set_image(bad)
+        assert str(error.value) == f"{name}: 2 of {voxels.size} voxels are not finite (NaN or infinite); the model " \
+                                   f"needs finite intensities"
+    assert session.image is image and session.features is features
+
+
 def test_unusable_model_folder_is_named(tmp_path):
     with pytest.raises(InteractiveError, match=f"model folder {tmp_path}: no dataset.json"):
         InteractiveSession.from_model_folder(tmp_path, 0)

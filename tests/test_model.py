@@ -297,6 +297,23 @@ def test_network_built_from_plans_like_nnunet():
     assert net.settings == settings
 
 
+def test_non_finite_intensities_stop_the_forward_before_sam2(loaded_network):
+    """The last line of defence behind the checks of files: NaN would pass through the frames into SAM 2."""
+    x = synthetic_patch()
+    x[1, 0, 2, 3, 4] = float("nan")
+    x[0, 0, 0, 0, 0] = float("-inf")
+    encoded = []
+    hook = loaded_network.sam.image_encoder.register_forward_hook(lambda *_: encoded.append(1))
+    try:
+        with pytest.raises(ValueError) as error, torch.no_grad():
+            loaded_network(x)
+    finally:
+        hook.remove()
+    message = str(error.value)
+    assert message.startswith(f"image channels: 2 of {2 * 4 * 20 * 24} voxels are not finite (NaN or infinite)")
+    assert "\n" not in message and encoded == []
+
+
 def test_passes_give_lists_in_training_and_the_final_pass_in_evaluation(loaded_network):
     x = synthetic_patch()
     shape = (2, NUM_CLASSES + 1, 4, 20, 24)

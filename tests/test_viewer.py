@@ -125,6 +125,26 @@ def stock_predictions(viewer_models, case, stage2_workspace, tmp_path_factory):
     return read("stage1"), read("cascade")
 
 
+def test_automatic_pass_refuses_non_finite_voxels_before_stage1(viewer_models, case, tmp_path):
+    """Read as stage 1 reads it (the plans' reader; MetaImage keeps NaN, SimpleITK's NIfTI reader would make it 0)."""
+    from nnunetv2_rfmedsam.interactive import InteractiveError
+    from nnunetv2_rfmedsam.viewer.automatic_pass import ModelChoice, run_automatic_pass
+    image = sitk.ReadImage(str(case["image"]))
+    voxels = sitk.GetArrayFromImage(image).astype(np.float32)
+    voxels[5, 6, 7] = np.nan
+    path = tmp_path / "non_finite.mha"
+    written = sitk.GetImageFromArray(voxels)
+    written.CopyInformation(image)
+    sitk.WriteImage(written, str(path))
+    progress = []
+    with pytest.raises(InteractiveError) as error:
+        run_automatic_pass(path, ModelChoice.beside(viewer_models / STAGE2_FOLDER),
+                           lambda done, total, message: progress.append(message))
+    assert str(error.value) == f"image {path}: 1 of {voxels.size} voxels are not finite (NaN or infinite); the " \
+                               f"model needs finite intensities"
+    assert progress == ["stage 1: loading the prompt UNet"]  # stage 1 did not run
+
+
 def test_automatic_pass_is_the_stock_cascade(viewer_session, stock_predictions):
     observations, maps, _ = viewer_session
     stage1, cascade = stock_predictions

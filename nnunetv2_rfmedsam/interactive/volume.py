@@ -38,7 +38,9 @@ def read_image(image, spacing=None) -> tuple[np.ndarray, tuple[float, ...], sitk
         channels = image[None] if image.ndim == 3 else image
         if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
             raise InteractiveError(f"spacing {tuple(spacing)}: give three positive numbers in array axis order")
-        return channels.astype(np.float32), None if spacing is None else tuple(float(s) for s in spacing), None
+        channels = channels.astype(np.float32)
+        refuse_non_finite(channels, "image array")
+        return channels, None if spacing is None else tuple(float(s) for s in spacing), None
     paths = [Path(p) for p in (image if isinstance(image, (list, tuple)) else [image])]
     images = []
     for path in paths:
@@ -52,9 +54,20 @@ def read_image(image, spacing=None) -> tuple[np.ndarray, tuple[float, ...], sitk
         if images[-1].GetDimension() != 3:
             raise InteractiveError(f"image {path}: expected a 3-D image, got {images[-1].GetDimension()}-D")
     arrays = [sitk.GetArrayFromImage(i).astype(np.float32) for i in images]
+    for path, array in zip(paths, arrays):
+        refuse_non_finite(array, f"image {path}")
     if len({a.shape for a in arrays}) > 1:
         raise InteractiveError(f"images {', '.join(map(str, paths))}: channels differ in size")
     return np.stack(arrays), tuple(float(s) for s in images[0].GetSpacing()[::-1]), images[0]
+
+
+def refuse_non_finite(values: np.ndarray, name: str) -> None:
+    """InteractiveError naming `name` if `values` hold NaN or infinite voxels: nnU-Net's normalisation would
+    spread them over the whole image (a z-score with a NaN mean) and SAM 2 would see nothing else."""
+    bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise InteractiveError(f"{name}: {bad} of {values.size} voxels are not finite (NaN or infinite); the model "
+                               f"needs finite intensities")
 
 
 @dataclass

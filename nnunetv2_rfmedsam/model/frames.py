@@ -77,6 +77,17 @@ def default_intensity_windows(plans, configuration_name: str) -> list[list[float
                                  plans_dict.get("foreground_intensity_properties_per_channel", {}))
 
 
+def require_finite_intensities(image: torch.Tensor) -> None:
+    """ValueError (one line) if the image channels hold NaN or infinite values: a window clips infinity to black or
+    white, but NaN would pass through the frames into SAM 2 and every result. The check reads one flag back from
+    the device (a host synchronisation): call it once per forward, not per slice."""
+    finite = torch.isfinite(image)
+    if not bool(finite.all()):
+        bad = image.numel() - int(finite.sum())
+        raise ValueError(f"image channels: {bad} of {image.numel()} voxels are not finite (NaN or infinite); SAM 2 "
+                         f"needs finite intensities: check the input images")
+
+
 def slices_to_sam_frames(image: torch.Tensor, size: int, windows: Sequence[Sequence[float]]) -> torch.Tensor:
     """Image channels (B, C, D, H, W) in nnU-Net's normalised units -> SAM 2 frames (B * D, 3, size, size),
     patch-major, ImageNet-normalised.

@@ -32,7 +32,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from nnunetv2_rfmedsam.model.adapters import adapter_parameter_names, freeze_for_finetuning, inject_adapters
 from nnunetv2_rfmedsam.model.error_clicks import add_error_clicks
-from nnunetv2_rfmedsam.model.frames import ZSCORE_WINDOW, slices_to_sam_frames
+from nnunetv2_rfmedsam.model.frames import ZSCORE_WINDOW, require_finite_intensities, slices_to_sam_frames
 from nnunetv2_rfmedsam.model.departures import REFINER
 from nnunetv2_rfmedsam.model.prompts import (MASK_PROMPT_STRIDE, ObjectPrompts, drop_training_prompts,
                                              masks_to_prompt_logits, prompts_from_masks)
@@ -207,6 +207,7 @@ class RFMedSAM2Network(nn.Module):
         are float32 either way."""
         if return_all_passes is None:
             return_all_passes = self.training
+        require_finite_intensities(x[:, :self.image_channels])  # once here: the slices' frames are made per chunk
         precision = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
         with precision:
             passes = self._refine(x, return_all_passes)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from nnunetv2_rfmedsam.interactive import InteractiveError, InteractiveSession
+from nnunetv2_rfmedsam.interactive.volume import refuse_non_finite
 from nnunetv2_rfmedsam.registration import EXT_TRAINER_FOLDER
 from nnunetv2_rfmedsam.settings import STAGE1_CONFIGURATION, STAGE1_TRAINER
 
@@ -137,6 +138,8 @@ def _read(predictor, image_path: Path) -> tuple[np.ndarray, dict]:
                                f"({', '.join(channels.values())}); the viewer opens single-channel images")
     reader = predictor.plans_manager.image_reader_writer_class()
     try:
-        return reader.read_images([str(image_path)])
+        image, properties = reader.read_images([str(image_path)])
     except Exception as error:  # readers raise what their library raises; all mean the file cannot be read
         raise InteractiveError(f"image {image_path}: cannot be read ({' '.join(str(error).split())[:200]})") from None
+    refuse_non_finite(image, f"image {image_path}")
+    return image, properties

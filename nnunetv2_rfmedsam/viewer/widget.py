@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGro
 from nnunetv2_rfmedsam.viewer.automatic_pass import STEPS, AutomaticResult, ModelChoice, run_automatic_pass
 from nnunetv2_rfmedsam.viewer.corrections import Box, Click, Corrections
 from nnunetv2_rfmedsam.viewer.doubtful_slices import doubtful_slices
+from nnunetv2_rfmedsam.viewer.prompt_layers import boxes_from_rectangles, clicks_from_points, image_geometry
 from nnunetv2_rfmedsam.viewer.reader import SOURCE_PATH
 
 POSITIVE, NEGATIVE, BOXES = "positive clicks", "negative clicks", "boxes"
@@ -186,7 +187,7 @@ class RFMedSAM2Widget(QWidget):
         labels_name = f"{self.image_layer.name} RFMedSAM 2"
         if labels_name in self.viewer.layers:
             self.viewer.layers.remove(labels_name)
-        geometry = {"scale": self.image_layer.scale, "translate": self.image_layer.translate}
+        geometry = image_geometry(self.image_layer)
         label_names = {0: "background", **names}
         colours = {None: "white", 0: "transparent",
                    **{c: CLASS_COLOURS[i % len(CLASS_COLOURS)] for i, c in enumerate(sorted(names))}}
@@ -228,16 +229,11 @@ class RFMedSAM2Widget(QWidget):
     # --- corrections ---
 
     def new_prompts(self) -> tuple[list[Click], list[Box]]:
-        """The clicks and boxes added since the last refinement, as voxel indices of the image."""
-        clicks = []
-        for layer_name, positive in ((POSITIVE, True), (NEGATIVE, False)):
-            for z, y, x in self.viewer.layers[layer_name].data[self._used[layer_name]:]:
-                clicks.append(Click(int(round(z)), float(y), float(x), positive))
-        boxes = []
-        for corners in self.viewer.layers[BOXES].data[self._used[BOXES]:]:
-            (y0, x0), (y1, x1) = corners[:, 1:].min(axis=0), corners[:, 1:].max(axis=0)
-            boxes.append(Box(int(round(corners[0, 0])), float(y0), float(x0), float(y1), float(x1)))
-        return clicks, boxes
+        """The clicks and boxes added since the last refinement, as voxel indices of the image (prompt_layers.py)."""
+        clicks = [click for layer_name, positive in ((POSITIVE, True), (NEGATIVE, False))
+                  for click in clicks_from_points(self.viewer.layers[layer_name].data[self._used[layer_name]:],
+                                                  positive)]
+        return clicks, boxes_from_rectangles(self.viewer.layers[BOXES].data[self._used[BOXES]:])
 
     @_shows_errors
     def start_refine(self) -> None:
