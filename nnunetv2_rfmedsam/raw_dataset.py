@@ -10,6 +10,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # the project's real data lives in ../shared/data beside the repository; a plain clone has the vendored subset
 SHARED_HIPPOCAMPUS = REPO_ROOT.parent / "shared" / "data" / "Dataset004_Hippocampus"
 VENDORED_HIPPOCAMPUS = REPO_ROOT / "data" / "Dataset004_Hippocampus_subset"
+# one abdominal CT with pseudo labels; the vendored crop (scripts/make_ct_crop.py) holds every labelled organ whole
+SHARED_ABDOMEN_CT = REPO_ROOT.parent / "shared" / "data" / "AbdomenCT_example"
+VENDORED_ABDOMEN_CT = REPO_ROOT / "data" / "AbdomenCT_crop"
+ABDOMEN_CT_FILES = ("ct.nii.gz", "labels_btcv13_pseudo.nii.gz")
 
 
 def hippocampus_source() -> Path:
@@ -18,6 +22,15 @@ def hippocampus_source() -> Path:
         if candidate and (Path(candidate) / "dataset.json").is_file():
             return Path(candidate)
     raise FileNotFoundError(f"no hippocampus data: neither {SHARED_HIPPOCAMPUS} nor {VENDORED_HIPPOCAMPUS} exists")
+
+
+def abdomen_ct_source() -> Path:
+    """The folder of the abdominal CT and its labels (ABDOMEN_CT_FILES): $RFMEDSAM2_ABDOMEN_CT, ../shared/data,
+    or the vendored crop."""
+    for candidate in (os.environ.get("RFMEDSAM2_ABDOMEN_CT"), SHARED_ABDOMEN_CT, VENDORED_ABDOMEN_CT):
+        if candidate and all((Path(candidate) / name).is_file() for name in ABDOMEN_CT_FILES):
+            return Path(candidate)
+    raise FileNotFoundError(f"no abdominal CT: neither {SHARED_ABDOMEN_CT} nor {VENDORED_ABDOMEN_CT} exists")
 
 
 def list_cases(dataset_dir: Path) -> list[str]:

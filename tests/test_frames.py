@@ -11,14 +11,13 @@ from conftest import DATASET_NAME, PLANS
 from nnunetv2_rfmedsam.model.frames import (IMAGENET_MEAN, IMAGENET_STD, ZSCORE_WINDOW, default_intensity_windows,
                                             intensity_window, slices_to_sam_frames)
 from nnunetv2_rfmedsam.planners.rfmedsam2_planner import RFMedSAM2PlansMixin, rfmedsam2_configuration
-from nnunetv2_rfmedsam.raw_dataset import REPO_ROOT, hippocampus_source, list_cases
+from nnunetv2_rfmedsam.raw_dataset import abdomen_ct_source, hippocampus_source, list_cases
 from nnunetv2_rfmedsam.settings import SAM2Settings
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 BLACK = -MEAN / STD          # SAM 2's pixel 0 after its normalisation: about (-2.12, -2.04, -1.80)
 WHITE = (1 - MEAN) / STD     # pixel 1: about (2.25, 2.43, 2.64)
-ABDOMEN_CT = REPO_ROOT.parent / "shared" / "data" / "AbdomenCT_example"
 
 
 def constant(value, shape=(1, 1, 2, 5, 7)):
@@ -103,13 +102,13 @@ def ct_fingerprint_properties(ct: np.ndarray, labels: np.ndarray) -> dict:
             "percentile_99_5": float(p99_5), "percentile_00_5": float(p00_5)}
 
 
-@pytest.mark.skipif(not (ABDOMEN_CT / "ct.nii.gz").is_file(),
-                    reason=f"the shared abdominal CT is not at {ABDOMEN_CT} (a clone without ../shared beside it)")
 def test_ct_window_maps_the_foreground_percentiles_to_black_and_white():
+    """On the real abdominal CT (../shared/data, or the vendored crop around every organ: the same foreground)."""
     from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(ABDOMEN_CT / "ct.nii.gz")))
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(ABDOMEN_CT / "labels_btcv13_pseudo.nii.gz")))
+    source = abdomen_ct_source()
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "ct.nii.gz")))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "labels_btcv13_pseudo.nii.gz")))
     properties = ct_fingerprint_properties(ct, labels)
     low_hu, high_hu = properties["percentile_00_5"], properties["percentile_99_5"]
     assert -300 < low_hu < 0 < high_hu < 1000  # soft-tissue organs (this CT: about -118 to 77 HU)
