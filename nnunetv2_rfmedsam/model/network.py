@@ -41,7 +41,7 @@ from nnunetv2_rfmedsam.model.refinement import (ABSENT_LOGIT, ABSENT_SCORE, Slic
 from nnunetv2_rfmedsam.model.sam2_checkpoint import load_sam2_checkpoint
 from nnunetv2_rfmedsam.model.sam2_model import build_sam2_model
 from nnunetv2_rfmedsam.model.sam2_reference import REFERENCE_KEY, SAM2Reference, locate
-from nnunetv2_rfmedsam import cascade_inputs, whole_volume_prediction
+from nnunetv2_rfmedsam import cascade_export, cascade_inputs, whole_volume_prediction
 from nnunetv2_rfmedsam.settings import SAM2Settings
 
 BACKGROUND_LOGIT = 0.0
@@ -127,6 +127,7 @@ class RFMedSAM2Network(nn.Module):
         self.slice_progress = None
         whole_volume_prediction.install()
         cascade_inputs.install()
+        cascade_export.install()
 
     @property
     def prompt_gates(self) -> torch.Tensor | None:
