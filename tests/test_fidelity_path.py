@@ -39,8 +39,9 @@ in the comparison that must catch it (measured), and that comparison:
 - objects_remembered_as_present: an object found absent is remembered as present; 0.02: absent_from_memory.
 - slices_walked_in_reverse: after the conditioning slice 0 the walk goes from the last slice back; 0.97: walk.
 - mask_prompt_transposed: `masks_to_prompt_logits` transposes the mask prompt; 2.5: first_slice_box_and_mask.
-Measured with every comparison: each bug of the walk but the click and the remembered presence breaks the four
-comparisons of the walk; those two break only the comparison named.
+Measured with every comparison (`python3 tests/test_fidelity_path.py` prints the table): each bug of the walk but
+the click and the remembered presence breaks the four comparisons of the walk; those two, and the transposed mask
+prompt, break only the comparison named.
 """
 from __future__ import annotations
 
@@ -345,8 +346,10 @@ class absent_on_slice:
         return False
 
 
-def mismatches(ours: dict, theirs: dict, tolerance: dict = BATCHED) -> list[str]:
-    """Where the refiner's logits and the video predictor's differ beyond `tolerance` (empty: they agree)."""
+def mismatches(ours: dict, theirs: dict, tolerance: dict | None = None) -> list[str]:
+    """Where the refiner's logits and the video predictor's differ beyond `tolerance` (default BATCHED; empty: they
+    agree)."""
+    tolerance = BATCHED if tolerance is None else tolerance
     found = []
     for key in sorted(ours):
         if not torch.allclose(ours[key], theirs[key], **tolerance):
@@ -488,3 +491,32 @@ def compare_or_error(case, references, name: str) -> list[str]:
         return compare(case, references, name)
     except Exception as error:  # noqa: BLE001 - any failure of the path is a detected difference
         return [f"{type(error).__name__}: {error}"]
+
+
+def print_effects() -> None:
+    """The largest logit change of each planted bug in every comparison (the figures of the module's docstring):
+    `python3 tests/test_fidelity_path.py`."""
+    import tempfile
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    case = build_case()
+    references = build_references(case, lambda name: Path(tempfile.mkdtemp(prefix=name)))
+    global BATCHED, EXACT
+    BATCHED = EXACT = dict(atol=0.0, rtol=0.0)  # every difference counts: report the largest
+
+    def largest(name: str) -> str:
+        found = compare_or_error(case, references, name)
+        sizes = [float(line.rsplit(" ", 1)[-1]) for line in found if "|diff|" in line]
+        return f"{max(sizes):.2g}" if sizes else ("0" if not found else found[0][:40])
+
+    print("bug".ljust(36) + "".join(name.ljust(26) for name in COMPARISONS))
+    print("(none)".ljust(36) + "".join(largest(name).ljust(26) for name in COMPARISONS))
+    for bug, (plant, _) in PLANTED_BUGS.items():
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            plant(monkeypatch)
+            print(bug.ljust(36) + "".join(largest(name).ljust(26) for name in COMPARISONS))
+
+
+if __name__ == "__main__":
+    print_effects()
