@@ -1,17 +1,23 @@
-"""The cascade's stage-1 predictions and images are checked before nnU-Net's predictor starts on any case.
+"""Images and the cascade's stage-1 predictions are checked before nnU-Net's predictor starts on any case.
 
-nnU-Net reads each case's `-prev_stage_predictions` file in a preprocessing worker: a missing or unreadable one
-stops the run after the cases before it, with "Background workers died" as the last line and the file named
-only in the worker's traceback; a prediction of another size or spacing than its image (another dataset, a
-resampled file) is not noticed at all. So the plugin wraps the predictor's `_manage_input_and_output_lists`
-(installed with the first RFMedSAM2Network, as whole_volume_prediction.py): for a refiner, every case's stage-1
-prediction must exist, be readable, and have its image's size and spacing, or nothing is predicted and one line
-names the folder and the cases. Its images must hold finite voxels only: nnU-Net's z-score normalisation spreads a
-single NaN or infinite voxel over the whole image, and SAM 2 would refine nothing but NaN. They are read with the
-plans' reader, as the predictor reads them (SimpleITK's NIfTI reader, ITK 5, turns NaN and infinity into 0 as it
-reads; nibabel and other formats keep them). Reading an image costs little beside predicting it (a hippocampus
-case: 9 ms, 3 ms of them for its header); files of integer voxels, which cannot hold NaN or infinity (most CT), are
-not read.
+nnU-Net's readers accept some bad inputs without a word, and its predictor fails late on others. The plugin wraps
+the predictor's `_manage_input_and_output_lists` (installed with the first RFMedSAM2Network, as
+whole_volume_prediction.py, and by stage 1's `build_network_architecture`); for a refiner and for stage 1
+(nnUNetTrainerRFPrompt), a problem stops the run before any case is predicted, with one line naming the files:
+
+- each case has one image file per channel of dataset.json (nnU-Net hands the network whatever files it finds);
+- each image is whole: SimpleITK, nnU-Net's default reader, reads a NIfTI file cut short as an image, the voxels
+  past the cut 0 (nifti_integrity.py);
+- each image holds finite voxels only: nnU-Net's z-score normalisation spreads a single NaN or infinite voxel over
+  the whole image, and SAM 2 would refine nothing but NaN. SimpleITK's NIfTI reader (ITK 5) turns NaN and infinity
+  into 0 as it reads, so an image of NaN only would be predicted as an image of zeros: NIfTI files are checked as
+  stored, whatever the plans' reader; other formats as the plans' reader reads them (files of integer voxels,
+  which cannot hold NaN or infinity, are not read). A hippocampus case costs about 1 ms beside its prediction;
+- for a refiner, each case's stage-1 prediction exists, is whole and readable, lies on its image's grid (size,
+  spacing, origin, direction) and holds only dataset.json's labels. nnU-Net reads it in a preprocessing worker: a
+  missing or unreadable one stops the run after the cases before it, with "Background workers died" as the last
+  line; one of another grid (another dataset, a resampled or shifted file) is used as if it were on the image's;
+  a label dataset.json does not define becomes background.
 """
 from __future__ import annotations
 
@@ -20,36 +26,76 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_rfmedsam.nifti_integrity import DamagedNifti, is_nifti, stored_voxels
+
 _STOCK = "_rfmedsam2_unchecked_manage_input_and_output_lists"
 _LISTED = 5  # how many cases a message names
+# tolerances of a stage-1 prediction's grid against its image's: origin per axis (mm), direction cosines
+_ORIGIN_MM = 1e-3
+_DIRECTION = 1e-5
 # pixel types that can hold NaN or infinity
 _FLOAT_PIXELS = {sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64}
 
 
 class CascadeInputError(ValueError):
-    """Stage-1 predictions or images the cascade cannot use; the message is one line."""
+    """Images or stage-1 predictions the plugin's networks cannot use; the message is one line."""
 
 
-def check_stage1_predictions(image_files: list[list[str]], stage1_files: list[str], folder: str) -> None:
-    """Each case's stage-1 prediction (one per list of image files) exists, is readable and has the size and
-    spacing of the case's first image; CascadeInputError naming the problems otherwise."""
+def check_channel_counts(image_files: list[list[str]], channel_names: dict) -> None:
+    """Each case has one image file per channel of dataset.json's `channel_names`; CascadeInputError naming the
+    cases that do not otherwise (nnU-Net would hand the network the wrong number of channels)."""
+    problems = [f"{', '.join(os.path.basename(path) for path in files)} ({len(files)} file(s))"
+                for files in image_files if len(files) != len(channel_names)]
+    if problems:
+        raise CascadeInputError(f"{len(problems)} of {len(image_files)} case(s) do not have one image file per "
+                                f"channel of dataset.json ({len(channel_names)}: "
+                                f"{', '.join(map(str, channel_names.values()))}): {_listed(problems)}; nothing was "
+                                f"predicted")
+
+
+def check_images(image_files: list[list[str]], reader) -> None:
+    """Every case's images (one list of channel files per case) are whole and hold finite voxels only;
+    CascadeInputError naming the damaged files and those with NaN or infinite voxels otherwise.
+
+    NIfTI files are decompressed in full and their stored voxels checked (nifti_integrity.py), whatever the plans'
+    reader: SimpleITK's reads a file cut short, and NaN or infinity as 0, without a word. Other files are read by
+    `reader` (the plans' nnU-Net reader, as the predictor reads them), which raises on a file cut short; those
+    whose header says integer voxels are not read."""
     problems = []
-    for images, stage1 in zip(image_files, stage1_files):
-        case = os.path.basename(stage1)
-        if not os.path.isfile(stage1):
-            problems.append(f"{case} does not exist")
+    for files in image_files:
+        nifti = [path for path in files if is_nifti(path)]
+        for path in nifti:
+            try:
+                voxels = stored_voxels(path)
+            except DamagedNifti as error:
+                problems.append(f"{path} {error}")
+                continue
+            problems += _non_finite(path, voxels)
+        others = [path for path in files if path not in nifti]
+        if not others or all(_integer_voxels(path) for path in others):
             continue
         try:
-            prediction, image = _header(stage1), _header(images[0])
-        except RuntimeError as error:
-            problems.append(f"{case} cannot be read ({_first_line(error)})")
+            channels, _ = reader.read_images(others)
+        except Exception as error:  # readers raise what their library raises; all mean the files cannot be read
+            problems.append(f"{', '.join(others)} cannot be read ({_first_line(error)})")
             continue
-        if prediction.GetSize() != image.GetSize():
-            problems.append(f"{case} has size {prediction.GetSize()}, its image {os.path.basename(images[0])} "
-                            f"{image.GetSize()}")
-        elif not np.allclose(prediction.GetSpacing(), image.GetSpacing(), rtol=1e-3, atol=1e-5):
-            problems.append(f"{case} has spacing {_rounded(prediction.GetSpacing())}, its image "
-                            f"{_rounded(image.GetSpacing())}")
+        for path, channel in zip(others, channels):
+            problems += _non_finite(path, channel)
+    if problems:
+        raise CascadeInputError(f"{len(problems)} image(s) cannot be predicted from: {_listed(problems)}; nothing "
+                                f"was predicted")
+
+
+def check_stage1_predictions(image_files: list[list[str]], stage1_files: list[str], folder: str,
+                             labels: list[int]) -> None:
+    """Each case's stage-1 prediction (one per list of image files) exists, is whole and readable, lies on the
+    grid of the case's first image (size, spacing, origin, direction) and holds only the dataset's `labels`;
+    CascadeInputError naming the problems otherwise (one per case)."""
+    problems = []
+    for images, stage1 in zip(image_files, stage1_files):
+        problem = _stage1_problem(stage1, images[0], labels)
+        if problem:
+            problems.append(f"{os.path.basename(stage1)} {problem}")
     if problems:
         raise CascadeInputError(f"-prev_stage_predictions {folder}: {len(problems)} of {len(stage1_files)} case(s) "
                                 f"have no usable stage-1 prediction: {_listed(problems)}. Predict the images with "
@@ -57,31 +103,8 @@ def check_stage1_predictions(image_files: list[list[str]], stage1_files: list[st
                                 f"that folder; nothing was predicted")
 
 
-def check_images_finite(image_files: list[list[str]], reader) -> None:
-    """Every case's images (one list of channel files per case), read by `reader` (the plans' nnU-Net reader, as the
-    predictor reads them), hold finite voxels only; CascadeInputError naming the files with NaN or infinite voxels
-    otherwise. Files whose header says integer voxels are not read."""
-    problems = []
-    for files in image_files:
-        if all(_integer_voxels(path) for path in files):
-            continue
-        try:
-            channels, _ = reader.read_images(files)
-        except Exception as error:  # readers raise what their library raises; all mean the files cannot be read
-            problems.append(f"{', '.join(files)} cannot be read ({_first_line(error)})")
-            continue
-        for path, channel in zip(files, channels):
-            bad = channel.size - int(np.count_nonzero(np.isfinite(channel)))
-            if bad:
-                problems.append(f"{path} has {bad} of {channel.size} voxels not finite (NaN or infinite)")
-    if problems:
-        raise CascadeInputError(f"{len(problems)} image(s) the cascade cannot use: {_listed(problems)}. nnU-Net's "
-                                f"normalisation would carry them into every voxel; nothing was predicted")
-
-
 def install() -> None:
-    """Check the stage-1 predictions and images of refiners before nnU-Net's predictor starts (see the module's
-    text)."""
+    """Check the inputs of refiners and of stage 1 before nnU-Net's predictor starts (see the module's text)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     if hasattr(nnUNetPredictor, _STOCK):
         return
@@ -94,10 +117,74 @@ def _checked_manage_input_and_output_lists(self, list_of_lists_or_source_folder,
     images, outputs, stage1_files = getattr(self, _STOCK)(list_of_lists_or_source_folder, output_folder_or_list,
                                                           folder_with_segs_from_prev_stage, *args, **kwargs)
     from nnunetv2_rfmedsam.whole_volume_prediction import find_refiner
-    if folder_with_segs_from_prev_stage is not None and find_refiner(self.network) is not None:
-        check_stage1_predictions(images, stage1_files, folder_with_segs_from_prev_stage)
-        check_images_finite(images, self.plans_manager.image_reader_writer_class())
+    refiner = find_refiner(self.network) is not None
+    if refiner or is_stage1_trainer(self.trainer_name):
+        check_channel_counts(images, self.dataset_json["channel_names"])
+        check_images(images, self.plans_manager.image_reader_writer_class())
+    if refiner and folder_with_segs_from_prev_stage is not None:
+        check_stage1_predictions(images, stage1_files, folder_with_segs_from_prev_stage,
+                                 self.label_manager.all_labels)
     return images, outputs, stage1_files
+
+
+def is_stage1_trainer(trainer_name: str | None) -> bool:
+    """Whether `trainer_name` is nnUNetTrainerRFPrompt or a subclass (imported already where a predictor built its
+    network)."""
+    from nnunetv2_rfmedsam.trainers.prompt_trainer import nnUNetTrainerRFPrompt
+    pending = [nnUNetTrainerRFPrompt]
+    while pending:
+        trainer = pending.pop()
+        if trainer.__name__ == trainer_name:
+            return True
+        pending += trainer.__subclasses__()
+    return False
+
+
+def _stage1_problem(stage1: str, image_file: str, labels: list[int]) -> str | None:
+    """What makes `stage1` unusable as the stage-1 prediction for `image_file`, or None."""
+    if not os.path.isfile(stage1):
+        return "does not exist"
+    if is_nifti(stage1):
+        try:
+            stored_voxels(stage1)
+        except DamagedNifti as error:
+            return str(error)
+    try:
+        prediction, image = _header(stage1), _header(image_file)
+    except RuntimeError as error:
+        return f"cannot be read ({_first_line(error)})"
+    its_image = f"its image {os.path.basename(image_file)}"
+    if prediction.GetSize() != image.GetSize():
+        return f"has size {prediction.GetSize()}, {its_image} {image.GetSize()}"
+    if not np.allclose(prediction.GetSpacing(), image.GetSpacing(), rtol=1e-3, atol=1e-5):
+        return f"has spacing {_rounded(prediction.GetSpacing())}, {its_image} {_rounded(image.GetSpacing())}"
+    if not np.allclose(prediction.GetOrigin(), image.GetOrigin(), rtol=0, atol=_ORIGIN_MM):
+        distance = float(np.linalg.norm(np.subtract(prediction.GetOrigin(), image.GetOrigin())))
+        return (f"has origin {_rounded(prediction.GetOrigin())}, {its_image} {_rounded(image.GetOrigin())} "
+                f"({distance:.4g} mm away)")
+    if not np.allclose(prediction.GetDirection(), image.GetDirection(), rtol=0, atol=_DIRECTION):
+        return f"has direction {_rounded(prediction.GetDirection())}, {its_image} {_rounded(image.GetDirection())}"
+    foreign = sorted(set(_label_values(stage1).tolist()) - set(labels))
+    if foreign:
+        return (f"holds label(s) {', '.join(f'{value:g}' for value in foreign)} that dataset.json does not define "
+                f"(labels {', '.join(map(str, labels))})")
+    return None
+
+
+def _label_values(path: str) -> np.ndarray:
+    """The distinct voxel values of a label map, as nnU-Net's readers read them."""
+    voxels = sitk.GetArrayFromImage(sitk.ReadImage(path)).ravel()
+    if voxels.dtype.kind == "u" and voxels.max(initial=0) < 2 ** 16:
+        return np.flatnonzero(np.bincount(voxels))  # linear, where np.unique sorts (a CT's label map: 80 M voxels)
+    return np.unique(voxels)
+
+
+def _non_finite(path: str, voxels: np.ndarray) -> list[str]:
+    if voxels.dtype.kind != "f":
+        return []
+    bad = voxels.size - int(np.count_nonzero(np.isfinite(voxels)))
+    return [f"{path} has {bad} of {voxels.size} voxels not finite (NaN or infinite), which nnU-Net's normalisation "
+            f"would spread over every voxel"] if bad else []
 
 
 def _header(path: str) -> sitk.ImageFileReader:

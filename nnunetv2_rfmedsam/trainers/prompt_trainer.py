@@ -4,7 +4,10 @@ from __future__ import annotations
 from os.path import join
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
 
+from nnunetv2_rfmedsam import cascade_inputs
 from nnunetv2_rfmedsam.budget import EnvironmentBudgetMixin
 from nnunetv2_rfmedsam.dataset_support import SupportedDatasetMixin
 from nnunetv2_rfmedsam.trainers.atomic_checkpoints import AtomicCheckpointMixin
@@ -31,7 +34,18 @@ class nnUNetTrainerRFPrompt(AtomicCheckpointMixin, SupportedDatasetMixin, nnUNet
     training starts (before any time is spent) and when its final validation starts (``--val``, or folds finishing
     in parallel): it stops with an error naming the folder. ``RFMEDSAM2_OVERWRITE_OOF_PROMPTS=1`` lets it replace
     them, with a WARNING in the log and on stdout.
+
+    nnU-Net's predictor, which builds its network here, checks the images before predicting any case
+    (cascade_inputs.py): one file per channel, whole, finite.
     """
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        cascade_inputs.install()
+        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        num_output_channels, enable_deep_supervision)
 
     def next_stage_folders(self) -> list[str]:
         names = self.configuration_manager.next_stage_names or []
