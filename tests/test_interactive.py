@@ -345,6 +345,28 @@ def test_set_image_refuses_non_finite_voxels_and_keeps_the_image(session, case, 
     assert session.image is image and session.features is features
 
 
+def test_set_image_refuses_a_nifti_cut_short_or_of_nan_that_simpleitk_reads(session, case, tmp_path):
+    """SimpleITK reads a .nii.gz cut to 2 KB as a whole image, and NaN in a NIfTI file as 0: the session checks
+    NIfTI files as stored, before anything is computed."""
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(case["image"].read_bytes()[:2048])
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(cut))).shape == case["truth"].shape  # read without a word
+    nan = tmp_path / "nan.nii.gz"
+    voxels = np.full(case["truth"].shape, np.nan, dtype=np.float32)
+    written = sitk.GetImageFromArray(voxels)
+    written.CopyInformation(case["sitk"])
+    sitk.WriteImage(written, str(nan))
+    assert not sitk.GetArrayFromImage(sitk.ReadImage(str(nan))).any()  # SimpleITK: zeros
+    image = session.image
+    for path, problem in ((cut, "is damaged: its gzip stream is cut short or corrupt"),
+                          (nan, f"{voxels.size} of {voxels.size} voxels are not finite")):
+        with pytest.raises(InteractiveError) as error:
+            session.set_image(path)
+        message = str(error.value)
+        assert message.startswith(f"image {path}: {problem}") and "\n" not in message, message
+    assert session.image is image
+
+
 def test_unusable_model_folder_is_named(tmp_path):
     with pytest.raises(InteractiveError, match=f"model folder {tmp_path}: no dataset.json"):
         InteractiveSession.from_model_folder(tmp_path, 0)

@@ -145,6 +145,20 @@ def test_automatic_pass_refuses_non_finite_voxels_before_stage1(viewer_models, c
     assert progress == ["stage 1: loading the prompt UNet"]  # stage 1 did not run
 
 
+def test_automatic_pass_refuses_a_nifti_cut_short_before_stage1(viewer_models, case, tmp_path):
+    """SimpleITK, the plans' reader, reads a .nii.gz cut to 2 KB as an image of mostly zeros: refused as stored."""
+    from nnunetv2_rfmedsam.interactive import InteractiveError
+    from nnunetv2_rfmedsam.viewer.automatic_pass import ModelChoice, run_automatic_pass
+    path = tmp_path / "cut.nii.gz"
+    path.write_bytes(case["image"].read_bytes()[:2048])
+    progress = []
+    with pytest.raises(InteractiveError) as error:
+        run_automatic_pass(path, ModelChoice.beside(viewer_models / STAGE2_FOLDER),
+                           lambda done, total, message: progress.append(message))
+    assert str(error.value).startswith(f"image {path}: is damaged: its gzip stream is cut short or corrupt")
+    assert progress == ["stage 1: loading the prompt UNet"]  # stage 1 did not run
+
+
 def test_automatic_pass_is_the_stock_cascade(viewer_session, stock_predictions):
     observations, maps, _ = viewer_session
     stage1, cascade = stock_predictions

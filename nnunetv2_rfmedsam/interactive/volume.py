@@ -25,6 +25,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunetv2_rfmedsam.atomic_files import replacing
 from nnunetv2_rfmedsam.interactive.errors import InteractiveError
+from nnunetv2_rfmedsam.nifti_integrity import DamagedNifti, is_nifti, stored_voxels
 
 
 def read_image(image, spacing=None) -> tuple[np.ndarray, tuple[float, ...], sitk.Image | None]:
@@ -46,6 +47,7 @@ def read_image(image, spacing=None) -> tuple[np.ndarray, tuple[float, ...], sitk
     for path in paths:
         if not path.is_file():
             raise InteractiveError(f"image {path}: no such file")
+        refuse_damaged_nifti(path)
         try:
             images.append(sitk.ReadImage(str(path)))
         except RuntimeError as error:
@@ -59,6 +61,19 @@ def read_image(image, spacing=None) -> tuple[np.ndarray, tuple[float, ...], sitk
     if len({a.shape for a in arrays}) > 1:
         raise InteractiveError(f"images {', '.join(map(str, paths))}: channels differ in size")
     return np.stack(arrays), tuple(float(s) for s in images[0].GetSpacing()[::-1]), images[0]
+
+
+def refuse_damaged_nifti(path: Path) -> None:
+    """InteractiveError naming `path` if it is a NIfTI file cut short, with a corrupt gzip stream, or with NaN or
+    infinite voxels as stored: SimpleITK reads such a file without a word (a cut one as an image of mostly zeros,
+    NaN and infinity as 0; nifti_integrity.py). Other formats: SimpleITK raises on a cut file and keeps NaN."""
+    if not is_nifti(str(path)):
+        return
+    try:
+        voxels = stored_voxels(str(path))
+    except DamagedNifti as error:
+        raise InteractiveError(f"image {path}: {error}") from None
+    refuse_non_finite(voxels, f"image {path}")
 
 
 def refuse_non_finite(values: np.ndarray, name: str) -> None:

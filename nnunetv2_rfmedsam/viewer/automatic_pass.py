@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from nnunetv2_rfmedsam.interactive import InteractiveError, InteractiveSession
-from nnunetv2_rfmedsam.interactive.volume import refuse_non_finite
+from nnunetv2_rfmedsam.interactive.volume import refuse_damaged_nifti, refuse_non_finite
 from nnunetv2_rfmedsam.registration import EXT_TRAINER_FOLDER
 from nnunetv2_rfmedsam.settings import STAGE1_CONFIGURATION, STAGE1_TRAINER
 
@@ -136,6 +136,7 @@ def _read(predictor, image_path: Path) -> tuple[np.ndarray, dict]:
     if len(channels) != 1:
         raise InteractiveError(f"model folder: the model takes {len(channels)} channels "
                                f"({', '.join(channels.values())}); the viewer opens single-channel images")
+    refuse_damaged_nifti(Path(image_path))
     reader = predictor.plans_manager.image_reader_writer_class()
     try:
         image, properties = reader.read_images([str(image_path)])
