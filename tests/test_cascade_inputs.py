@@ -31,6 +31,14 @@ def cases(tmp_path):
     return names, images, [str(folder / f"{name}.nii.gz") for name in names], folder
 
 
+def rewritten(path: str, change) -> sitk.Image:
+    """Read an image, let `change` alter it in place, write it back; returns it."""
+    image = sitk.ReadImage(path)
+    change(image)
+    sitk.WriteImage(image, path)
+    return image
+
+
 def test_usable_predictions_pass(cases):
     _, images, stage1, folder = cases
     check_stage1_predictions(images, stage1, str(folder), LABELS)
@@ -40,9 +48,7 @@ def test_every_problem_is_named_in_one_line(cases):
     names, images, stage1, folder = cases
     (folder / f"{names[0]}.nii.gz").unlink()
     shutil.copy(hippocampus_source() / "labelsTr" / f"{list_cases(hippocampus_source())[10]}.nii.gz", stage1[1])
-    resampled = sitk.ReadImage(stage1[2])
-    resampled.SetSpacing((2.0, 2.0, 2.0))
-    sitk.WriteImage(resampled, stage1[2])
+    rewritten(stage1[2], lambda image: image.SetSpacing((2.0, 2.0, 2.0)))
     with pytest.raises(CascadeInputError) as error:
         check_stage1_predictions(images, stage1, str(folder), LABELS)
     message = str(error.value)
@@ -169,12 +175,8 @@ def test_stage1_predictions_off_the_image_or_with_foreign_labels_are_named(cases
     flipped axis and a file cut short: each named, each case once."""
     names, images, stage1, folder = cases
     sitk.WriteImage(sitk.ChangeLabel(sitk.ReadImage(stage1[0]), {1: 7}), stage1[0])
-    shifted = sitk.ReadImage(stage1[1])
-    shifted.SetOrigin(np.add(shifted.GetOrigin(), (50.0, 0.0, 0.0)))
-    sitk.WriteImage(shifted, stage1[1])
-    flipped = sitk.ReadImage(stage1[2])
-    flipped.SetDirection(np.diag([-1.0, 1.0, 1.0]).ravel())
-    sitk.WriteImage(flipped, stage1[2])
+    shifted = rewritten(stage1[1], lambda image: image.SetOrigin(np.add(image.GetOrigin(), (50.0, 0.0, 0.0))))
+    rewritten(stage1[2], lambda image: image.SetDirection(np.diag([-1.0, 1.0, 1.0]).ravel()))
     with pytest.raises(CascadeInputError) as error:
         check_stage1_predictions(images, stage1, str(folder), LABELS)
     message = str(error.value)
