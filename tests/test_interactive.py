@@ -292,14 +292,15 @@ def test_class_mask_is_the_class_alone(session, case):
 
 def test_viewer_corrections_touch_one_class_and_undo_together(session, case):
     """The viewer's Corrections on the session: a refinement seeds the class from the label map and changes only
-    its voxels (taking background only), and one undo takes back the seed and the clicks together."""
-    from nnunetv2_rfmedsam.viewer.corrections import Box, Click, Corrections
+    its voxels on the prompted slice (taking background only), and one undo takes back the seed and the clicks
+    together (where corrections reach: tests/test_local_corrections.py)."""
+    from nnunetv2_rfmedsam.interactive.corrections import Box, Click, Corrections
     truth = case["truth"].astype(np.uint8)
     corrections = Corrections(session, truth)
     target = int(np.argmax((truth == 1).sum(axis=(1, 2))))
     ys, xs = np.nonzero(truth[target] == 1)
     refined = corrections.refine(1, clicks=[Click(target, float(ys[0]), float(xs[0]), False)])
-    assert not (refined[target] == 1).any()
+    assert refined[target, ys[0], xs[0]] == 0 and ((refined == 1) <= (truth == 1)).all()
     np.testing.assert_array_equal(refined == 2, truth == 2)
     assert len(session._history) == 2  # the seed and the slice's clicks
     slice2 = int(np.argmax((truth == 2).sum(axis=(1, 2))))
@@ -309,15 +310,17 @@ def test_viewer_corrections_touch_one_class_and_undo_together(session, case):
     np.testing.assert_array_equal(corrections.undo(), refined)
     np.testing.assert_array_equal(corrections.undo(), truth)
     assert session._history == [] and not corrections.can_undo
-    # allowed to, a class takes other classes' voxels: it is then its mask everywhere
+    # allowed to, a class takes other classes' voxels on the prompted slice
     height, width = truth.shape[1:]
     whole_slice = Box(slice2, 0, 0, height - 1, width - 1)
     kept = corrections.refine(2, boxes=[whole_slice])
     np.testing.assert_array_equal(kept == 1, truth == 1)
     taken = corrections.refine(2, boxes=[whole_slice], overwrite=True, label_map=kept)
-    mask = session.class_mask(2)
-    np.testing.assert_array_equal(taken == 2, mask)
-    np.testing.assert_array_equal(taken == 1, (kept == 1) & ~mask)
+    mask = session.class_mask(2)[slice2]
+    np.testing.assert_array_equal(taken[slice2] == 2, mask)
+    np.testing.assert_array_equal(taken[slice2] == 1, (kept[slice2] == 1) & ~mask)
+    others = [d for d in range(len(truth)) if d != slice2]
+    np.testing.assert_array_equal(taken[others], kept[others])
     np.testing.assert_array_equal(corrections.reset(), truth)
     assert session._history == [] and not corrections.can_undo
     with pytest.raises(PromptError, match="outside the image"):
@@ -501,7 +504,7 @@ def test_click_evaluation_refuses_a_corrupt_stage1_prediction(model_dir, click_c
     assert exit_.value.code == 2
     stderr = capsys.readouterr().err
     # after the progress bar: one error line
-    assert f"error: stage-1 prediction: cannot read {corrupt}" in stderr and stderr.count("error:") == 1
+    assert f"error: stage-1 prediction: label map {corrupt} cannot be read" in stderr and stderr.count("error:") == 1
     assert not (tmp_path / "out").exists()
 
 

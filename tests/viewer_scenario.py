@@ -1,12 +1,13 @@
 """A person's session in the napari plugin, run headless (under Xvfb) by tests/test_viewer.py in a process of its
 own, so that Qt and OpenGL stay out of the test workers.
 
-    python tests/viewer_scenario.py STAGE2_MODEL_DIR IMAGE TRUTH OUT_DIR
+    python tests/viewer_scenario.py STAGE2_MODEL_DIR IMAGE TRUTH OUT_DIR [--box-screenshots]
 
 Opens the image with the plugin's reader and the model in the dock widget, runs the automatic pass, removes a
-false-positive region of class 1 by a negative click, adds a box for class 2, undoes both, and saves; it
+false positive of class 1 by a negative click, adds a box for class 2, undoes both, and saves; it
 records what it saw in OUT_DIR/observations.json, the label maps in OUT_DIR/label_maps.npz and screenshots as
-PNG; last, it asks for a checkpoint that is not there. It asserts nothing: the test does.
+PNG (with --box-screenshots also the box's slice before and after it: the README's picture); last, it asks for a
+checkpoint that is not there. It asserts nothing: the test does.
 """
 from __future__ import annotations
 
@@ -46,7 +47,23 @@ def overlay_share(first: np.ndarray, second: np.ndarray) -> float:
     return float((np.abs(first[..., :3].astype(int) - second[..., :3].astype(int)).max(axis=-1) > 12).mean())
 
 
-def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
+def grab(app, viewer, widget, slice_index: int, path: Path, without_path: Path) -> None:
+    """Screenshots of the window on a slice, with the label overlay (`path`) and without it."""
+    widget.go_to_slice(slice_index)
+    app.processEvents()
+    deadline = time.perf_counter() + 30
+    while True:
+        widget.labels_layer.visible = False
+        settle(app)
+        without = viewer.screenshot(str(without_path), canvas_only=False)
+        widget.labels_layer.visible = True
+        settle(app)
+        with_labels = viewer.screenshot(str(path), canvas_only=False)
+        if overlay_share(with_labels, without) > 0.01 or time.perf_counter() > deadline:
+            break
+
+
+def main(model_dir: str, image: str, truth_path: str, out: str, screenshots_of_the_box: bool = False) -> None:
     from qtpy.QtWidgets import QApplication
     from nnunetv2_rfmedsam.viewer.launch import open_viewer
     from nnunetv2_rfmedsam.viewer.widget import BOXES, NEGATIVE, SLICE_ROLE
@@ -99,31 +116,26 @@ def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
     # with the most labelled voxels (the click may have left its own slice with few); the canvas redraws when Qt
     # gets to it, which on a loaded machine took longer than one round of events: both shots are retaken until
     # they differ (either one may have been taken before the canvas showed its layer change)
-    widget.go_to_slice(int(np.argmax((after_click > 0).sum(axis=(1, 2)))))
-    app.processEvents()
-    deadline = time.perf_counter() + 30
-    while True:
-        widget.labels_layer.visible = False
-        settle(app)
-        without = viewer.screenshot(str(out_dir / "viewer_without_labels.png"), canvas_only=False)
-        widget.labels_layer.visible = True
-        settle(app)
-        with_labels = viewer.screenshot(str(out_dir / "viewer.png"), canvas_only=False)
-        if overlay_share(with_labels, without) > 0.01 or time.perf_counter() > deadline:
-            break
+    grab(app, viewer, widget, int(np.argmax((after_click > 0).sum(axis=(1, 2)))), out_dir / "viewer.png",
+         out_dir / "viewer_without_labels.png")
     saved = widget.save(out_dir / "corrected.nii.gz")
     observations["saved"] = str(saved)
 
     # a box for class 2 around the structure (its ground truth) on its largest slice, as a person draws it: the
     # automatic result of the random SAM 2 here may have lost class 2 altogether
     class2_slice = int(np.argmax((truth == 2).sum(axis=(1, 2))))
+    observations["box_slice"] = class2_slice
     ys, xs = np.nonzero(truth[class2_slice] == 2)
     corners = [[class2_slice, ys.min(), xs.min()], [class2_slice, ys.min(), xs.max()],
                [class2_slice, ys.max(), xs.max()], [class2_slice, ys.max(), xs.min()]]
     widget.class_choice.setCurrentIndex(widget.class_choice.findData(2))
     viewer.layers[BOXES].add_rectangles(np.array(corners, dtype=float))
+    if screenshots_of_the_box:
+        grab(app, viewer, widget, class2_slice, out_dir / "viewer_before_box.png", out_dir / "viewer_plain.png")
     widget.start_refine()
     wait_until_idle(app, widget)
+    if screenshots_of_the_box:
+        grab(app, viewer, widget, class2_slice, out_dir / "viewer_after_box.png", out_dir / "viewer_plain.png")
     observations["box_latency"] = widget.last_latency
     after_box = np.array(widget.labels_layer.data)
     widget.undo()
@@ -154,4 +166,4 @@ def main(model_dir: str, image: str, truth_path: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:5], screenshots_of_the_box="--box-screenshots" in sys.argv[5:])

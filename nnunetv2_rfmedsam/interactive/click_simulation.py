@@ -1,13 +1,16 @@
 """Simulated corrective clicks: Dice against the number of clicks (SAM-Med2D / SAM-Med3D style evaluation).
 
 Per case and foreground class, from a clean session state (the image is encoded once per case):
-- click 0, the start: one box, the ground truth's bounding box on the slice where the class is largest
-  (`box`), or the class's voxels in the stage-1 prediction as a mask prompt (`stage1`); then propagate. Where
-  stage 1 found nothing of the class, the start is empty;
+- click 0, the start: one box, the ground truth's bounding box on the slice where the class is largest, then
+  propagate (`box`); or the stage-1 prediction itself (`stage1`), the automatic result a person would start
+  correcting, so that click 0 scores what stage 1 scores. Where stage 1 found nothing of the class, the start is
+  empty;
 - clicks 1..N: the largest 3-D connected error region of the class (false negatives and false positives are
   separate regions, 6-connected) gets one click at its interior point, the maximum of its Euclidean distance
   transform (in mm), positive in a false negative and negative in a false positive, on the slice containing
-  that point; then propagate.
+  that point. From a box, the session propagates it; from stage 1, it is a correction as the viewer makes one
+  (corrections.py): the clicked slice takes the session's result, seeded with the stage-1 mask, and the
+  other slices keep theirs. The class may take other classes' voxels (each class is scored alone).
 The Dice of the class is recorded after the start and after every click; once a class has no error left, its
 Dice stays. Classes absent from a case's ground truth are skipped for that case.
 
@@ -29,6 +32,7 @@ from nnunetv2_rfmedsam.atomic_files import write_atomically
 from nnunetv2_rfmedsam.evaluation.compare import CompareError, read_label_map
 from nnunetv2_rfmedsam.evaluation.metrics import dice_score
 from nnunetv2_rfmedsam.evaluation.plots import DICE_AXIS_LIMITS, DPI, figure_to_png
+from nnunetv2_rfmedsam.interactive.corrections import Click, Corrections
 from nnunetv2_rfmedsam.interactive.session import InteractiveSession
 
 START_MODES = ("box", "stage1")
@@ -80,19 +84,25 @@ def simulate_class(session: InteractiveSession, class_id: int, target: np.ndarra
     """Dice of `class_id` after the start and after each of `clicks` corrective clicks (see the module docstring);
     the session has its image set; its prompts are reset first."""
     session.reset()
+    corrections = None
     if start == "box":
         slice_index, box = start_box(target)
         session.add_box(class_id, slice_index, box)
-    elif (stage1 == class_id).any():
-        session.add_mask(class_id, stage1)
-    prediction = session.label_map() == class_id
+        prediction = session.label_map() == class_id
+    else:
+        corrections = Corrections(session, stage1)
+        prediction = stage1 == class_id
     scores = [dice_score(target, prediction)]
     for _ in range(clicks):
         click = next_click(prediction, target, spacing)
         if click is not None:
             z, y, x, label = click
-            session.add_points(class_id, z, [(y, x, label)])
-            prediction = session.label_map() == class_id
+            if corrections is None:
+                session.add_points(class_id, z, [(y, x, label)])
+                prediction = session.label_map() == class_id
+            else:
+                prediction = corrections.refine(class_id, clicks=[Click(z, y, x, bool(label))], overwrite=True) \
+                    == class_id
         scores.append(dice_score(target, prediction))
     return scores
 

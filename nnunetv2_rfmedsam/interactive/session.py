@@ -19,6 +19,13 @@ prompt, as SAM 2's video predictor feeds a corrected frame's previous logits to 
 second pass is prompted by its first); a box given earlier on the slice stays and clicks accumulate. A slice whose
 only prompts are negative clicks no longer has the class (see propagation.py).
 
+A class started from a mask (`add_mask`: stage 1's prediction, or the automatic result a person corrects) is
+computed on the slices the mask covered as the refiner computes the cascade (model/network.py): the mask's logit
+moved towards SAM 2's by the model's trained gate of its last pass (the pass trained on clicks),
+`start + gate * (sam - start)`. A refiner whose gates are still closed (an untrained one, or one trained briefly
+on random SAM 2 weights) thus keeps the mask; one whose training opened them follows SAM 2. A class started from
+boxes or clicks alone, or a plain refiner (no gates), has SAM 2's logits.
+
 What is computed when:
 - `set_image`: nnU-Net's preprocessing, and SAM 2's image encoder once over all slices; these features stay
   cached until the next `set_image` (`reset` and `undo` keep them), so no prompt ever re-encodes the volume;
@@ -43,7 +50,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunetv2_rfmedsam.interactive.errors import InteractiveError, PromptError
 from nnunetv2_rfmedsam.interactive.propagation import SlicePrompt, Track, propagate_object
 from nnunetv2_rfmedsam.interactive.volume import PreprocessedImage
-from nnunetv2_rfmedsam.model.network import BACKGROUND_LOGIT, RFMedSAM2Network
+from nnunetv2_rfmedsam.model.network import BACKGROUND_LOGIT, PROMPT_LOGIT, RFMedSAM2Network
 from nnunetv2_rfmedsam.model.prompts import MASK_PROMPT_STRIDE, boxes_from_masks, masks_to_prompt_logits
 from nnunetv2_rfmedsam.model.refinement import ABSENT_LOGIT, SliceFeatures, encode_slices
 from nnunetv2_rfmedsam.settings import NETWORK_CLASS
@@ -60,6 +67,19 @@ class _Action:
     description: str
     prompts: dict[int, dict[int, SlicePrompt]]
     tracks: dict[int, Track]
+    starts: dict[int, "_Start"]
+
+
+@dataclass(frozen=True)
+class _Start:
+    """A class's start from mask prompts, on the network grid: the mask (D, H, W), and the slices (D,) it covers
+    (every slice for a whole-volume mask, where the slices without the class start as background)."""
+
+    mask: torch.Tensor
+    covered: torch.Tensor
+
+    def logits(self) -> torch.Tensor:
+        return torch.where(self.mask, PROMPT_LOGIT, -PROMPT_LOGIT)
 
 
 class InteractiveSession:
@@ -81,6 +101,7 @@ class InteractiveSession:
         self.features: SliceFeatures | None = None
         self._prompts: dict[int, dict[int, SlicePrompt]] = {}
         self._tracks: dict[int, Track] = {}
+        self._starts: dict[int, _Start] = {}
         self._history: list[_Action] = []
 
     @classmethod
@@ -167,6 +188,7 @@ class InteractiveSession:
         for d in new_boxes.keys() | new_points.keys():
             if replace:
                 prompts[d] = SlicePrompt(box=new_boxes.get(d), points=tuple(new_points.get(d, ())))
+                self._uncover_start(class_id, d)
                 continue
             old = prompts.get(d, SlicePrompt())
             mask_logits = old.mask_logits if track is None else track.results[d].low_res.clamp(
@@ -202,10 +224,23 @@ class InteractiveSession:
         for d in torch.nonzero(present).flatten().tolist():
             old = prompts.get(d, SlicePrompt())
             prompts[d] = SlicePrompt(box=tuple(boxes[d].tolist()), points=old.points, mask_logits=logits[d])
+        covered = torch.ones_like(present) if slice_index is None else present
+        start = self._starts.get(class_id)
+        if start is not None:
+            grid = torch.where(covered[:, None, None], grid, start.mask)
+            covered = covered | start.covered
+        self._starts[class_id] = _Start(mask=grid, covered=covered)
+
+    def _uncover_start(self, class_id: int, d: int) -> None:
+        start = self._starts.get(class_id)
+        if start is not None and start.covered[d]:
+            covered = start.covered.clone()
+            covered[d] = False
+            self._starts[class_id] = _Start(mask=start.mask, covered=covered)
 
     def _record(self, description: str) -> None:
         self._history.append(_Action(description, {c: dict(p) for c, p in self._prompts.items()},
-                                     dict(self._tracks)))
+                                     dict(self._tracks), dict(self._starts)))
 
     # --- results ---
 
@@ -235,8 +270,17 @@ class InteractiveSession:
         logits[self.channel_of_label[0]] = BACKGROUND_LOGIT
         for class_id, track in self._tracks.items():
             if classes is None or class_id in classes:
-                logits[self.channel_of_label[class_id]] = track.logits(grid)
+                logits[self.channel_of_label[class_id]] = self._from_start(class_id, track.logits(grid))
         return logits
+
+    def _from_start(self, class_id: int, sam_logits: torch.Tensor) -> torch.Tensor:
+        """SAM 2's logits of a class, gated with its start where a mask prompt started it (module docstring)."""
+        start, gates = self._starts.get(class_id), self.network.prompt_gates
+        if start is None or gates is None:
+            return sam_logits
+        gate = gates[-1, self.channel_of_label[class_id] - 1].detach().float().cpu()
+        prompt = start.logits()
+        return torch.where(start.covered[:, None, None], prompt + gate * (sam_logits - prompt), sam_logits)
 
     def label_map(self) -> np.ndarray:
         """The segmentation (D, H, W) on the original image grid, as integer labels (0 background)."""
@@ -262,12 +306,12 @@ class InteractiveSession:
         if not self._history:
             raise InteractiveError("nothing to undo")
         action = self._history.pop()
-        self._prompts, self._tracks = action.prompts, action.tracks
+        self._prompts, self._tracks, self._starts = action.prompts, action.tracks, action.starts
         return action.description
 
     def reset(self) -> None:
         """Clear prompts, results and history; the image and its features stay."""
-        self._prompts, self._tracks, self._history = {}, {}, []
+        self._prompts, self._tracks, self._starts, self._history = {}, {}, {}, []
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the label map with the input image's geometry (atomically)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nnunetv2_rfmedsam.viewer.corrections import Box, Click
+from nnunetv2_rfmedsam.interactive.corrections import Box, Click
 
 
 def image_geometry(image_layer) -> dict:

@@ -22,7 +22,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGro
                             QWidget)
 
 from nnunetv2_rfmedsam.viewer.automatic_pass import STEPS, AutomaticResult, ModelChoice, run_automatic_pass
-from nnunetv2_rfmedsam.viewer.corrections import Box, Click, Corrections
+from nnunetv2_rfmedsam.interactive.corrections import Box, Click, Corrections
 from nnunetv2_rfmedsam.viewer.doubtful_slices import doubtful_slices
 from nnunetv2_rfmedsam.viewer.prompt_layers import boxes_from_rectangles, clicks_from_points, image_geometry
 from nnunetv2_rfmedsam.viewer.reader import SOURCE_PATH
@@ -111,6 +111,9 @@ class RFMedSAM2Widget(QWidget):
         form.addRow("class", self.class_choice)
         self.overwrite = QCheckBox("may take other classes' voxels")
         form.addRow(self.overwrite)
+        # off: only the prompted slices change, as SAM 2's video predictor keeps its conditioning frames
+        self.propagate = QCheckBox("propagate to the other slices")
+        form.addRow(self.propagate)
         buttons = QHBoxLayout()
         self.refine_button, self.undo_button, self.reset_button = (QPushButton(t) for t in ("Refine", "Undo", "Reset"))
         self.refine_button.clicked.connect(self.start_refine)
@@ -244,10 +247,10 @@ class RFMedSAM2Widget(QWidget):
         started = time.perf_counter()
         used_now = {name: len(self.viewer.layers[name].data) for name in self._used}
         base = np.asarray(self.labels_layer.data)
-        overwrite = self.overwrite.isChecked()
+        overwrite, propagate = self.overwrite.isChecked(), self.propagate.isChecked()
 
         def refine() -> tuple[np.ndarray, float]:
-            label_map = self.corrections.refine(class_id, clicks, boxes, overwrite, base)
+            label_map = self.corrections.refine(class_id, clicks, boxes, overwrite, base, propagate)
             return label_map, time.perf_counter() - started
 
         def done(result: tuple[np.ndarray, float]) -> None:
