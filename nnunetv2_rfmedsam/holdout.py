@@ -30,9 +30,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nnunetv2_rfmedsam.log_progress import LogProgress
 from nnunetv2_rfmedsam.settings import PLANS_IDENTIFIER, STAGE1_CONFIGURATION, STAGE1_TRAINER, STAGE2_CONFIGURATION, \
     STAGE2_TRAINER
 
+PROGRESS_POLL_SECONDS = 1.0
 BUDGET_VARIABLES = ("RFMEDSAM2_NUM_EPOCHS", "RFMEDSAM2_ITERS_PER_EPOCH", "RFMEDSAM2_VAL_ITERS")
 STAGE1_FOLDS = {"5fold": ["0", "1", "2", "3", "4"], "all": ["all"]}
 IN_SAMPLE_PROMPTS = "IN-SAMPLE (stage 1 fold all predicted its own training cases; test-time prompts will be worse)"
@@ -48,13 +50,26 @@ class RecipeError(ValueError):
     pass
 
 
-def run_logged(command: list[str], env: dict, log: Path) -> float:
-    """Run one command with its output in `log`; print the command and its duration. Fails with the log's tail."""
+def run_logged(command: list[str], env: dict, log: Path, label: str | None = None) -> float:
+    """Run one command with its output in `log`; print the command, its progress (epochs, predicted cases: see
+    log_progress.py) under `label`, and its duration. Fails with the log's tail."""
     print(f"\n$ {' '.join(shlex.quote(c) for c in command)}", flush=True)
     start = time.time()
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as handle:
-        proc = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    progress = LogProgress(label or command[0])
+    with open(log, "w") as handle, open(log, errors="replace") as reader:
+        proc = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        pending = ""
+        while True:
+            finished = proc.poll() is not None
+            pending += reader.read()
+            *lines, pending = pending.split("\n")
+            for line in lines:
+                for shown in progress.feed(line):
+                    print(shown, flush=True)
+            if finished:
+                break
+            time.sleep(PROGRESS_POLL_SECONDS)
     seconds = time.time() - start
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
@@ -201,12 +216,14 @@ def evaluate_holdout(dataset_id: int, recipe: HoldoutRecipe, env: dict, output: 
         for fold in folds:
             log = f"train_{trainer}.log" if len(folds) == 1 else f"train_{trainer}_fold_{fold}.log"
             run_logged(["nnUNetv2_train", d, configuration, fold, "-p", PLANS_IDENTIFIER, "-tr", trainer,
-                        "-device", recipe.device], dict(env, **budget_env(budget)), logs / log)
+                        "-device", recipe.device], dict(env, **budget_env(budget)), logs / log,
+                       f"{trainer} fold {fold}")
 
     def predict(configuration, folds, trainer, out, *extra):
         run_logged(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(out), "-d", d, "-c", configuration,
                     "-p", PLANS_IDENTIFIER, "-tr", trainer, "-f", *folds, "-device", recipe.device,
-                    "-npp", "1", "-nps", "1", *recipe.predict_flags, *extra], env, logs / f"predict_{trainer}.log")
+                    "-npp", "1", "-nps", "1", *recipe.predict_flags, *extra], env, logs / f"predict_{trainer}.log",
+                   f"{trainer} predicts imagesTs")
 
     baseline_trainer = STAGE1_TRAINER if recipe.baseline == "stage1" else \
         ("nnUNetTrainer" if recipe.stage1_budget is None else "nnUNetTrainerBudget")

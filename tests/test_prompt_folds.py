@@ -110,7 +110,8 @@ def recorded_holdout(hippocampus_cases, tmp_path, monkeypatch):
     env = {"nnUNet_raw": str(tmp_path / "raw"), "nnUNet_preprocessed": str(tmp_path / "pre"),
            "nnUNet_results": str(tmp_path / "results")}
     commands = []
-    monkeypatch.setattr(holdout, "run_logged", lambda command, env, log: commands.append((command, log.name)) or 0.0)
+    monkeypatch.setattr(holdout, "run_logged",
+                        lambda command, env, log, *label: commands.append((command, log.name)) or 0.0)
     monkeypatch.setattr("nnunetv2_rfmedsam.evaluation.compare.compare_folders", lambda *a, **k: {"paired": {}})
     return (lambda recipe: evaluate_holdout(DATASET_ID, recipe, env, tmp_path / "out")), commands, train[:6], tmp_path
 
