@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -306,7 +307,7 @@ def test_label_outside_the_dataset_is_refused(folders):
 
 def test_corrupt_file_is_named(folders):
     (folders["gt"] / "case_b.nii.gz").write_bytes(b"not a nifti file")
-    with pytest.raises(CompareError, match=r"cannot read .*gt/case_b\.nii\.gz"):
+    with pytest.raises(CompareError, match=r"label map .*gt/case_b\.nii\.gz cannot be read"):
         run_compare(folders, labels_json=str(folders["dataset_json"]))
 
 
@@ -401,4 +402,54 @@ def test_command_bad_input_exits_2_with_one_line(folders, pred_arguments, match)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0]
+    assert not folders["out"].exists()
+
+
+def _cut_short(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _nan_label_map(path: Path) -> None:
+    array = box_case().astype(np.float32)
+    array[0, 0, 0] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+
+
+def _shifted_origin(path: Path) -> None:
+    write_label_map(path, box_case(), origin=(50.0, 0.0, 0.0))
+
+
+def _unknown_label(path: Path) -> None:
+    array = box_case()
+    array[0, 0, 0] = 7
+    write_label_map(path, array)
+
+
+def _damaged_image(images: Path) -> None:
+    image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(12, 12, 12)).astype(np.float32))
+    sitk.WriteImage(image, str(images / "case_b_0000.nii.gz"))
+    _cut_short(images / "case_b_0000.nii.gz")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (_cut_short, r"label map .*exact/case_b\.nii\.gz cannot be read"),
+    (_nan_label_map, r"label map .*exact/case_b\.nii\.gz: 1 of 1728 voxels are not finite \(NaN or infinite\)"),
+    (_shifted_origin, r"case_b.*exact.*origin \(50\.0, 0\.0, 0\.0\) vs \(0\.0, 0\.0, 0\.0\)"),
+    (_unknown_label, r"exact/case_b\.nii\.gz contains label\(s\) 7, not among the labels of .*dataset\.json"),
+    (_damaged_image, r"image .*images/case_b_0000\.nii\.gz is damaged"),
+])
+def test_damaged_inputs_are_refused_in_one_line_before_anything_is_written(folders, capsys, damage, problem):
+    """SimpleITK reads a .nii.gz cut short as an image padded with zeros and NaN as 0: the comparison checks its
+    NIfTI files as stored, with their geometry and labels, and writes nothing."""
+    from nnunetv2_rfmedsam.cli import compare as compare_cli
+    images = folders["gt"].parent / "images"
+    images.mkdir()
+    damage(images if damage is _damaged_image else folders["exact"] / "case_b.nii.gz")
+    with pytest.raises(SystemExit) as exit_:
+        compare_cli.main(["--gt", str(folders["gt"]), "--pred", f"exact={folders['exact']}", "--images", str(images),
+                          "--labels", str(folders["dataset_json"]), "-o", str(folders["out"])])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # after the progress bar
+    assert len(errors) == 1 and re.match(f"error: .*{problem}", errors[0]), errors
     assert not folders["out"].exists()

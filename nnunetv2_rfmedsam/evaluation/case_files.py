@@ -15,6 +15,8 @@ from typing import Mapping
 import numpy as np
 import SimpleITK as sitk
 
+from nnunetv2_rfmedsam.nifti_integrity import DamagedNifti, is_nifti, stored_voxels
+
 FILE_ENDING = ".nii.gz"
 GEOMETRY_RTOL = 1e-4
 # origins near 0 mm and direction cosines near 0 need an absolute floor under the relative tolerance
@@ -93,8 +95,33 @@ def load_label_names(labels_json: str) -> dict[int, str]:
     return dict(sorted(names.items()))
 
 
+def check_stored(path: str, what: str) -> None:
+    """Refuse a NIfTI file cut short, with a corrupt gzip stream, or holding NaN or infinite voxels: SimpleITK
+    reads the first two as an image padded with zeros and NaN as 0 (nifti_integrity.py)."""
+    if not is_nifti(path):
+        return
+    try:
+        voxels = stored_voxels(path)
+    except DamagedNifti as error:
+        raise CompareError(f"{what} {path} {error}") from None
+    if voxels.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(voxels)))
+        if bad:
+            raise CompareError(f"{what} {path}: {bad} of {voxels.size} voxels are not finite (NaN or infinite)")
+
+
+def check_case_images(images_dir: str, cases: list[str]) -> None:
+    """The images under the contour figures (`<case>_0000.nii.gz`), checked as stored before any case is compared;
+    a missing one only leaves its figure without the image."""
+    for case in cases:
+        path = os.path.join(images_dir, f"{case}_0000{FILE_ENDING}")
+        if os.path.isfile(path):
+            check_stored(path, "image")
+
+
 def read_label_map(path: str) -> tuple[np.ndarray, Geometry]:
     """A label map as an integer array (numpy axis order z, y, x) with its geometry."""
+    check_stored(path, "label map")
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as error:

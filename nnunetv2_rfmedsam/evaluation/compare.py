@@ -37,8 +37,9 @@ from typing import Mapping
 
 from nnunetv2_rfmedsam.atomic_files import write_atomically
 from nnunetv2_rfmedsam.evaluation.case_evaluation import CaseTask, evaluate_case, run_over_cases
-from nnunetv2_rfmedsam.evaluation.case_files import (FILE_ENDING, CompareError, ground_truth_label_ids, list_cases,
-                                                     load_label_names, missing_cases, read_label_map)
+from nnunetv2_rfmedsam.evaluation.case_files import (FILE_ENDING, CompareError, check_case_images,
+                                                     ground_truth_label_ids, list_cases, load_label_names,
+                                                     missing_cases, read_label_map)
 from nnunetv2_rfmedsam.evaluation.metrics import DEFAULT_TOLERANCE_MM
 from nnunetv2_rfmedsam.evaluation.report import render_cases_csv, render_metrics_json, render_report
 from nnunetv2_rfmedsam.evaluation.report_figures import render_case_figures, render_figures
@@ -66,6 +67,8 @@ def compare_folders(gt_dir: str, preds: Mapping[str, str], out_dir: str, labels_
         raise CompareError(f"ground-truth folder {gt_dir} holds no {FILE_ENDING} cases")
     predicted = {method: list_cases(folder) for method, folder in methods.items()}
     missing = missing_cases(ground_truth, predicted, strict)
+    if images_dir is not None:
+        check_case_images(images_dir, sorted(ground_truth))
 
     if labels_json is not None:
         label_names = load_label_names(labels_json)
