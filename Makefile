@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: install demo test benchmark
+.PHONY: install demo test benchmark gpu-check
 
 install:
 	PYTHON=$(PYTHON) bash scripts/install.sh
@@ -13,3 +13,6 @@ test: install
 
 benchmark: install
 	$(PYTHON) scripts/benchmark.py
+
+gpu-check: install
+	$(PYTHON) scripts/gpu_check.py

@@ -66,7 +66,7 @@ from nnunetv2_rfmedsam.model.adapters import adapter_parameter_names
 from nnunetv2_rfmedsam.model.departures import REFINER, SAM2_BEHAVIOUR
 from nnunetv2_rfmedsam.model.error_clicks import sample_error_clicks
 from nnunetv2_rfmedsam.model.network import RFMedSAM2Network
-from nnunetv2_rfmedsam.model.prompts import POSITIVE_CLICK
+from nnunetv2_rfmedsam.model.prompts import POSITIVE_CLICK, HostLayout
 from nnunetv2_rfmedsam.model.refinement import ABSENT_LOGIT, MemoryBank, SliceFeatures, SliceWalk, encode_slices, logits_to_grid
 from nnunetv2_rfmedsam.model.sam2_model import sam2_hydra_overrides
 from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases
@@ -234,8 +234,10 @@ def refiner_walk(case, departures=SAM2_BEHAVIOUR, correct: bool = False, seed: i
     with torch.no_grad():
         features = encode_one_by_one(network, x[:, :1])
         # the box alone on slice 0 (a video predictor takes a box or a mask on a frame, not both)
-        first = dataclasses.replace(network._first_pass_prompts(objects), unprompted=frozenset(range(1, depth)),
-                                    unmasked=frozenset(range(depth)))
+        # with the host's copy of where each object is, as the network's forward gives it (host_syncs.py)
+        layout = HostLayout.of_boxes(objects.flatten(2).any(dim=2).numpy())
+        first = dataclasses.replace(network._first_pass_prompts(objects, layout),
+                                    unprompted=frozenset(range(1, depth)), unmasked=frozenset(range(depth)))
         walk = SliceWalk(network.sam, depth, use_memory=True, departures=departures, unprompted=first.unprompted)
         for step, d in enumerate(walk.order):
             out = walk.step(step, features, d, first, d, remember=not correct)

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from sam2.modeling.sam2_base import SAM2Base
 
-from nnunetv2_rfmedsam.model.prompts import (POSITIVE_CLICK, ObjectPrompts, boxes_to_square_frame,
+from nnunetv2_rfmedsam.model.prompts import (POSITIVE_CLICK, HostLayout, ObjectPrompts, boxes_to_square_frame,
                                              points_to_square_frame)
 from nnunetv2_rfmedsam.model.refinement import ABSENT_LOGIT, SliceFeatures, logits_to_grid, track_slice
 
@@ -56,9 +57,12 @@ class SlicePrompt:
             clicks = points_to_square_frame(coords, slice_hw, image_size)[None, None]
             labels = torch.tensor([[[p[2] for p in self.points]]], dtype=torch.int32, device=device)
         mask = None if self.mask_logits is None else self.mask_logits.to(device)[None, None]
+        # the prompts are the person's, known here: SAM 2's calls are grouped without reading the device
+        layout = HostLayout(points=np.array([[2 * (self.box is not None) + len(self.points)]]),
+                            absent=np.array([[not self.has_object]]))
         return ObjectPrompts(present=torch.tensor([[self.has_object]], device=device), boxed=has_box,
                              boxes=boxes_to_square_frame(box, slice_hw, image_size)[None],
-                             mask_logits=mask, clicks=clicks, click_labels=labels)
+                             mask_logits=mask, clicks=clicks, click_labels=labels, layout=layout)
 
     @property
     def has_object(self) -> bool:
@@ -85,8 +89,10 @@ class Track:
     def logits(self, grid_shape: tuple[int, int, int]) -> torch.Tensor:
         """(D, H, W) logits of every slice."""
         volume = torch.full(grid_shape, ABSENT_LOGIT)
-        for d, result in self.results.items():
-            volume[d] = result.logits.float().cpu()
+        if self.results:
+            slices = sorted(self.results)
+            # one transfer from the device for the whole volume
+            volume[slices] = torch.stack([self.results[d].logits for d in slices]).float().cpu()
         return volume
 
 

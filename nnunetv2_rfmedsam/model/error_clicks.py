@@ -42,4 +42,4 @@ def add_error_clicks(prompts: ObjectPrompts, predicted: torch.Tensor, target: to
     positive = (labels == POSITIVE_CLICK).any(dim=-1)
     return dataclasses.replace(prompts, present=prompts.present | positive, boxed=prompts.present,
                                clicks=points_to_square_frame(clicks, predicted.shape[-2:], image_size),
-                               click_labels=labels)
+                               click_labels=labels, layout=None)  # where clicks land is known on the device

@@ -23,9 +23,9 @@ SAM 2 frames in frames.py.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
@@ -33,11 +33,12 @@ from torch.nn.modules.module import _IncompatibleKeys
 from nnunetv2_rfmedsam.model.adapters import adapter_parameter_names, freeze_for_finetuning, inject_adapters
 from nnunetv2_rfmedsam.model.error_clicks import add_error_clicks
 from nnunetv2_rfmedsam.model.frames import ZSCORE_WINDOW, require_finite_intensities, slices_to_sam_frames
+from nnunetv2_rfmedsam.model.precision import sam2_precision
 from nnunetv2_rfmedsam.model.departures import REFINER
-from nnunetv2_rfmedsam.model.prompts import (MASK_PROMPT_STRIDE, ObjectPrompts, drop_training_prompts,
+from nnunetv2_rfmedsam.model.prompts import (MASK_PROMPT_STRIDE, HostLayout, ObjectPrompts, drop_training_prompts,
                                              masks_to_prompt_logits, prompts_from_masks)
 from nnunetv2_rfmedsam.model.refinement import (ABSENT_LOGIT, ABSENT_SCORE, SliceOutput, SliceWalk, encode_slices,
-                                                logits_to_grid)
+                                                logits_to_grid, object_index)
 from nnunetv2_rfmedsam.model.sam2_checkpoint import load_sam2_checkpoint
 from nnunetv2_rfmedsam.model.sam2_model import build_sam2_model
 from nnunetv2_rfmedsam.model.sam2_reference import REFERENCE_KEY, SAM2Reference, locate
@@ -204,13 +205,12 @@ class RFMedSAM2Network(nn.Module):
     def forward(self, x: torch.Tensor, return_all_passes: bool | None = None):
         """Logits of the final pass, or (by default in training) a TrainingOutput with every pass.
 
-        On CUDA, SAM 2 runs under bfloat16 autocast (whatever autocast nnU-Net opened around it); the logits
-        are float32 either way."""
+        On CUDA, SAM 2 runs under bfloat16 autocast, or float16 where the GPU has no bfloat16 (precision.py),
+        whatever autocast nnU-Net opened around it; the logits are float32 either way."""
         if return_all_passes is None:
             return_all_passes = self.training
         require_finite_intensities(x[:, :self.image_channels])  # once here: the slices' frames are made per chunk
-        precision = torch.autocast("cuda", dtype=torch.bfloat16) if x.is_cuda else contextlib.nullcontext()
-        with precision:
+        with sam2_precision(x.device):
             passes = self._refine(x, return_all_passes)
         return passes if return_all_passes else passes.passes[-1]
 
@@ -224,26 +224,25 @@ class RFMedSAM2Network(nn.Module):
         per_class = torch.stack([labels == k + 1 for k in range(self.num_foreground_classes)], dim=1)
         return per_class.reshape(-1, *per_class.shape[2:])
 
-    def _objects_to_track(self, objects: torch.Tensor) -> torch.Tensor:
-        """Indices of the objects (N, D, H, W) SAM 2 has to track. In prediction (one image, presence from
-        prompts), an object absent from every slice's stage-1 mask is absent from every result, so it costs
-        nothing: SAM 2's logit there is ABSENT_LOGIT, and a gate in (0, 1) keeps the class logit between it and
-        the prompt's -PROMPT_LOGIT, both below the background's."""
-        every = torch.arange(objects.shape[0], device=objects.device)
-        if self.training or objects.shape[0] != self.num_foreground_classes or \
+    def _objects_to_track(self, presence: np.ndarray) -> np.ndarray:
+        """Indices of the objects SAM 2 has to track, from where each one's stage-1 mask is present (N, D). In
+        prediction (one image, presence from prompts), an object absent from every slice's stage-1 mask is absent
+        from every result, so it costs nothing: SAM 2's logit there is ABSENT_LOGIT, and a gate in (0, 1) keeps the
+        class logit between it and the prompt's -PROMPT_LOGIT, both below the background's."""
+        if self.training or presence.shape[0] != self.num_foreground_classes or \
                 not self.departures.presence_from_prompts:
-            return every
-        return every[objects.flatten(1).any(dim=1)]
+            return np.arange(presence.shape[0])
+        return np.flatnonzero(presence.any(axis=1))
 
-    def _slices_to_walk(self, objects: torch.Tensor, tracked: torch.Tensor, walk: SliceWalk) -> int:
-        """How many of the first slices SAM 2 has to walk for the `tracked` of the objects (N, D, H, W). In
-        prediction (objects absent by their prompts skipped), slices after the last one where any object's mask is
-        present give ABSENT_LOGIT whatever the memory, and their memory would serve no later slice; so the walk
-        ends there, as exact as skipping absent objects (`_objects_to_track`)."""
-        depth = objects.shape[1]
+    def _slices_to_walk(self, presence: np.ndarray, walk: SliceWalk) -> int:
+        """How many of the first slices SAM 2 has to walk for the tracked objects, whose stage-1 masks are present
+        where `presence` (N, D) says. In prediction (objects absent by their prompts skipped), slices after the
+        last one where any object's mask is present give ABSENT_LOGIT whatever the memory, and their memory would
+        serve no later slice; so the walk ends there, as exact as skipping absent objects (`_objects_to_track`)."""
+        depth = presence.shape[1]
         if not (walk.skip_absent and walk.in_slice_order and self.departures.presence_from_prompts):
             return depth
-        present = objects.flatten(2).any(dim=2)[tracked].any(dim=0).nonzero()
+        present = np.flatnonzero(presence.any(axis=0))
         return int(present[-1]) + 1 if len(present) else 0
 
     def _refine(self, x: torch.Tensor, keep_all_passes: bool = True) -> TrainingOutput:
@@ -258,17 +257,22 @@ class RFMedSAM2Network(nn.Module):
         click_targets = self._object_click_targets(x)
         stage1 = x[:, self.image_channels:]
         objects = stage1.reshape(-1, depth, height, width)  # one object per (batch item, class)
-        tracked = self._objects_to_track(objects)
-        all_tracked = len(tracked) == objects.shape[0]
+        # what Python decides (which objects, which slices, how SAM 2's calls group them) comes from this one
+        # transfer, so that no slice waits for the device
+        presence = (objects > 0.5).flatten(2).any(dim=2).cpu().numpy()
+        tracked_host = self._objects_to_track(presence)
+        tracked = object_index(tuple(tracked_host.tolist()), x.device)
+        layout = HostLayout.of_boxes(presence[tracked_host])
+        all_tracked = len(tracked_host) == objects.shape[0]
         predicting = not self.training
         first_prompts = None
         if self.training:
-            first_prompts = self._first_pass_prompts(objects)
+            first_prompts = self._first_pass_prompts(objects, layout)
         walk = SliceWalk(self.sam, depth, self.settings.use_memory, self.departures,
                          first_prompts.unprompted if first_prompts is not None else frozenset(),
                          skip_absent=predicting)
         chunk = SLICES_PER_ENCODER_CALL if predicting and walk.in_slice_order else depth
-        walked = self._slices_to_walk(objects, tracked, walk)
+        walked = self._slices_to_walk(presence[tracked_host], walk)
         kept = range(passes) if keep_all_passes else [passes - 1]
         logits = {p: x.new_empty((batch, self.num_foreground_classes + 1, depth, height, width), dtype=torch.float32)
                   for p in kept}
@@ -283,7 +287,8 @@ class RFMedSAM2Network(nn.Module):
                 features = encode_slices(self.sam, self.sam_frames(x[:, :self.image_channels, chunk_start:stop]),
                                          stop - chunk_start)
                 if first_prompts is None or chunk != depth:
-                    first_prompts = self._first_pass_prompts(objects[tracked, chunk_start:stop])
+                    first_prompts = self._first_pass_prompts(objects[tracked, chunk_start:stop],
+                                                             layout.columns(chunk_start, stop))
             prompts, prompt_slice, out = first_prompts, d - (chunk_start or 0), None
             for refinement_pass in range(passes):
                 sam_logits = torch.full((objects.shape[0], 1, height, width), ABSENT_LOGIT, device=x.device)
@@ -300,24 +305,32 @@ class RFMedSAM2Network(nn.Module):
                 if refinement_pass in logits:
                     logits[refinement_pass][:, :, d:d + 1] = slice_logits
                 if refinement_pass + 1 < passes and stepping:
-                    prompts = self._next_pass_prompts(slice_logits, out, tracked, click_targets, d)
+                    prompts = self._next_pass_prompts(slice_logits, out, tracked, click_targets, d,
+                                                      layout.columns(d, d + 1))
                     prompt_slice = 0
             if predicting and self.slice_progress is not None:
                 self.slice_progress(1)
         return TrainingOutput([logits[p] for p in kept],
                               [scores[p].reshape(batch, self.num_foreground_classes, depth) for p in kept])
 
-    def _first_pass_prompts(self, objects: torch.Tensor) -> ObjectPrompts:
-        """Boxes and masks from the stage-1 masks (N, D, H, W); in training jittered and made sparser."""
+    def _first_pass_prompts(self, objects: torch.Tensor, layout: HostLayout | None = None) -> ObjectPrompts:
+        """Boxes and masks from the stage-1 masks (N, D, H, W), whose presence `layout` holds on the host (if
+        given); in training jittered and made sparser."""
         prompts = prompts_from_masks(objects, self.settings.image_size,
-                                     jitter=self.settings.box_jitter if self.training else 0.0)
+                                     jitter=self.settings.box_jitter if self.training else 0.0, layout=layout)
         if self.training and self.settings.use_memory and self.settings.training_prompt_dropout > 0:
             prompts = drop_training_prompts(prompts, self.settings.training_prompt_dropout)
         return prompts
 
     def _next_pass_prompts(self, slice_logits: torch.Tensor, out: SliceOutput, tracked: torch.Tensor,
-                           click_targets: torch.Tensor | None, d: int) -> ObjectPrompts:
-        """The next pass's prompts on slice d, from this pass's result there (no gradient through a prompt)."""
+                           click_targets: torch.Tensor | None, d: int,
+                           first_layout: HostLayout | None = None) -> ObjectPrompts:
+        """The next pass's prompts on slice d, from this pass's result there (no gradient through a prompt).
+
+        In prediction, with presence from prompts, an object absent from the first pass's prompts on the slice
+        has ABSENT_LOGIT there and so no mask in the next pass: the first pass's layout bounds the next one's,
+        whose objects may still turn out absent on the device (`HostLayout.presence_on_device`). In training
+        (slices left to memory, clicks), the layout is read from the device."""
         size = self.settings.image_size
         height, width = slice_logits.shape[-2:]
         predicted = slice_logits[:, 1:].detach().reshape(-1, 1, height, width)[tracked] > BACKGROUND_LOGIT
@@ -325,7 +338,10 @@ class RFMedSAM2Network(nn.Module):
         # whose mask then prompts like a stage-1 mask
         mask_logits = masks_to_prompt_logits(predicted, size // MASK_PROMPT_STRIDE) \
             if self.prompt_gate_logits is not None else out.low_res.detach()
-        prompts = prompts_from_masks(predicted, size, mask_logits=mask_logits)
+        bounded = (first_layout is not None and not self.training and self.departures.presence_from_prompts
+                   and click_targets is None)
+        layout = HostLayout.of_boxes(~first_layout.absent, presence_on_device=True) if bounded else None
+        prompts = prompts_from_masks(predicted, size, mask_logits=mask_logits, layout=layout)
         if click_targets is not None:
             prompts = add_error_clicks(prompts, predicted, click_targets[tracked, d:d + 1], size)
         return prompts

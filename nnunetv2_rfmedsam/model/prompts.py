@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,8 +77,9 @@ def points_to_square_frame(points: torch.Tensor, image_hw: tuple[int, int], size
     """Points (..., 2) as (x, y) pixel indices of an (H, W) grid -> coordinates in that grid resized to
     size x size, in sam2's convention (x / W * size, y / H * size; see the module docstring)."""
     height, width = image_hw
-    # in sam2's order of operations (divide, then multiply), so that the float32 coordinates are sam2's to the bit
-    return points / points.new_tensor([width, height]) * size
+    # in sam2's order of operations (divide, then multiply), so that the float32 coordinates are sam2's to the bit;
+    # by Python numbers, which reach the device without a transfer
+    return torch.stack((points[..., 0] / width, points[..., 1] / height), dim=-1) * size
 
 
 def boxes_to_square_frame(boxes: torch.Tensor, image_hw: tuple[int, int], size: int) -> torch.Tensor:
@@ -93,6 +95,30 @@ def masks_to_prompt_logits(masks: torch.Tensor, size: int) -> torch.Tensor:
     resized = F.interpolate(masks.reshape(-1, 1, *masks.shape[-2:]).float(), size=(size, size), mode="bilinear",
                             align_corners=False, antialias=True)
     return ((2 * resized - 1) * MASK_PROMPT_LOGIT).reshape(*lead, size, size)
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """What Python needs to group the objects of a slice for SAM 2 (refinement.py), known on the host so that no
+    slice reads it back from the device: per object (N) and slice (D), the number of real points (box corners and
+    clicks) and whether the prompts leave the object absent. `presence_on_device`: an object counted as present
+    may be absent by its prompts on the device (a next pass's prompts, made there from this pass's masks); it then
+    runs with the others, and its output and memory are replaced as an absent object's are."""
+
+    points: np.ndarray  # (N, D) int
+    absent: np.ndarray  # (N, D) bool
+    presence_on_device: bool = False
+
+    @classmethod
+    def of_boxes(cls, present: np.ndarray, presence_on_device: bool = False) -> "HostLayout":
+        """Objects with a box (two corners) where `present` (N, D), no clicks."""
+        return cls(points=2 * present.astype(np.int64), absent=~present, presence_on_device=presence_on_device)
+
+    def columns(self, start: int, stop: int) -> "HostLayout":
+        return HostLayout(self.points[:, start:stop], self.absent[:, start:stop], self.presence_on_device)
+
+    def rows(self, objects: np.ndarray) -> "HostLayout":
+        return HostLayout(self.points[objects], self.absent[objects], self.presence_on_device)
 
 
 @dataclass
@@ -111,6 +137,7 @@ class ObjectPrompts:
                   itself whether each object is there (`present` does not apply; see refinement.py)
     unmasked:     slices without a mask prompt for any object (SAM's prompt encoder takes masks for all objects
                   of a batch or for none)
+    layout:       the grouping's host copy (HostLayout), or None: then each slice reads it from the device
     """
 
     present: torch.Tensor
@@ -121,14 +148,15 @@ class ObjectPrompts:
     boxed: torch.Tensor | None = None
     unprompted: frozenset[int] = frozenset()
     unmasked: frozenset[int] = frozenset()
+    layout: HostLayout | None = None
 
     def slice_points(self, slice_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every object's points on one slice: coordinates (N, 2 + P, 2) and labels (N, 2 + P), the box corners
         (NOT_A_POINT where there is no box), then the clicks. refinement.py gives SAM 2 only the real ones."""
         boxed = (self.present if self.boxed is None else self.boxed)[:, slice_index, None]
         coords = self.boxes[:, slice_index].reshape(-1, 2, 2)
-        labels = torch.where(boxed, torch.tensor([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], device=boxed.device),
-                             NOT_A_POINT)
+        corners = torch.arange(BOX_TOP_LEFT, BOX_BOTTOM_RIGHT + 1, device=boxed.device)  # made on the device
+        labels = torch.where(boxed, corners, NOT_A_POINT)
         if self.clicks is not None:
             coords = torch.cat([coords, self.clicks[:, slice_index]], dim=1)
             labels = torch.cat([labels, self.click_labels[:, slice_index].to(labels.dtype)], dim=1)
@@ -142,12 +170,14 @@ class ObjectPrompts:
 
 
 def prompts_from_masks(masks: torch.Tensor, image_size: int, mask_logits: torch.Tensor | None = None,
-                       jitter: float = 0.0, generator: torch.Generator | None = None) -> ObjectPrompts:
+                       jitter: float = 0.0, generator: torch.Generator | None = None,
+                       layout: HostLayout | None = None) -> ObjectPrompts:
     """Box and mask prompts from per-object, per-slice masks.
 
     masks: (N, D, H, W), 0/1 or bool. Boxes come from their extent (jittered by `jitter` of the box side in
     the patch grid, for training), mask prompts from the masks themselves unless `mask_logits`
-    (N, D, S/4, S/4) are given (the second pass gives the first pass's logits).
+    (N, D, S/4, S/4) are given (the second pass gives the first pass's logits). `layout`: where the masks are
+    present, known on the host (`HostLayout`), if it is.
     """
     boxes, present = boxes_from_masks(masks)
     if jitter > 0:
@@ -155,7 +185,7 @@ def prompts_from_masks(masks: torch.Tensor, image_size: int, mask_logits: torch.
     if mask_logits is None:
         mask_logits = masks_to_prompt_logits(masks, image_size // MASK_PROMPT_STRIDE)
     return ObjectPrompts(present=present, boxes=boxes_to_square_frame(boxes, masks.shape[-2:], image_size),
-                         mask_logits=mask_logits)
+                         mask_logits=mask_logits, layout=layout)
 
 
 def drop_training_prompts(prompts: ObjectPrompts, fraction: float,
@@ -168,7 +198,7 @@ def drop_training_prompts(prompts: ObjectPrompts, fraction: float,
     no object appears that is absent from the slice before it: SAM 2 tracks objects, it does not discover them.
     """
     num_slices = prompts.present.shape[1]
-    draws = torch.rand(2, num_slices, generator=generator).tolist()
+    draws = torch.rand(2, num_slices, generator=generator, device="cpu").tolist()  # drawn on the host
     appears = (prompts.present[:, 1:] & ~prompts.present[:, :-1]).any(dim=0).tolist()
     unprompted = frozenset(d for d in range(1, num_slices) if draws[0][d] < fraction and not appears[d - 1])
     unmasked = frozenset(d for d in range(num_slices) if d not in unprompted and draws[1][d] < fraction)

@@ -34,6 +34,7 @@ the head, so that slices left to memory are judged by a head that has seen this 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,12 +59,22 @@ EVALUATION_MEMORY_DTYPE = torch.bfloat16
 @dataclass
 class SliceFeatures:
     """SAM 2 image features of every slice of B patches, flattened as SAM 2 keeps them: per feature level
-    (H_l * W_l, B * D, C_l), image b * D + d being slice d of patch b."""
+    (H_l * W_l, B * D, C_l), image b * D + d being slice d of patch b.
+
+    `shared_positions`: the position encodings are held for one image (H_l * W_l, 1, C_l) and serve every slice.
+    They depend on the feature grid alone (sam2's PositionEmbeddingSine repeats one encoding over the batch), and at
+    input 1024 they are four fifths of a slice's features: a session keeping a volume's features holds them once."""
 
     vision_feats: list[torch.Tensor]
     vision_pos_embeds: list[torch.Tensor]
     feat_sizes: list[tuple[int, int]]
     num_slices: int
+    shared_positions: bool = False
+
+    def bytes_per_slice(self) -> int:
+        """Bytes held per slice (the shared position encodings apart)."""
+        held = self.vision_feats + ([] if self.shared_positions else self.vision_pos_embeds)
+        return sum(x.numel() * x.element_size() for x in held) // (self.batch_size * self.num_slices)
 
     @property
     def batch_size(self) -> int:
@@ -78,8 +89,10 @@ class SliceFeatures:
         """The features of one slice, repeated for each of the N objects (N a multiple of B)."""
         if self.batch_size == 1:
             # one image for every object (prediction): views, as SAM2VideoPredictor expands its cached features
-            def pick(x):
-                return x[:, slice_index:slice_index + 1].expand(-1, num_objects, -1)
+            def pick(x, index=slice_index):
+                return x[:, index:index + 1].expand(-1, num_objects, -1)
+            if self.shared_positions:
+                return [pick(x) for x in self.vision_feats], [pick(x, 0) for x in self.vision_pos_embeds]
         else:
             images = self.image_of(num_objects) * self.num_slices + slice_index
 
@@ -111,15 +124,15 @@ class SliceOutput:
     present: torch.Tensor       # (N,) bool
     memory: dict | None         # SAM 2's frame output (MEMORY_KEYS), or None when no memory was written
     # the slice's image features conditioned on the memory bank (SAM 2's `pix_feat`, (N, C, h, w)) of the objects
-    # that went through memory attention (`conditioned_objects`, (N,) bool), for a correction of the same slice
+    # that went through memory attention (`conditioned_objects`, known on the host), for a correction of the slice
     conditioned: torch.Tensor | None = None
-    conditioned_objects: torch.Tensor | None = None
+    conditioned_objects: frozenset[int] = frozenset()
 
-    def conditioned_for(self, objects: torch.Tensor) -> torch.Tensor | None:
-        """The memory-conditioned features of `objects`, if all of them have some."""
-        if self.conditioned is None or not bool(self.conditioned_objects[objects].all()):
+    def conditioned_for(self, group: "_Group") -> torch.Tensor | None:
+        """The memory-conditioned features of a group's objects, if all of them have some."""
+        if self.conditioned is None or not self.conditioned_objects.issuperset(group.members):
             return None
-        return self.conditioned[objects]
+        return self.conditioned[group.objects]
 
 
 def logits_to_grid(low_res: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -133,9 +146,30 @@ def logits_to_grid(low_res: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Ten
 
 class _Group(NamedTuple):
     objects: torch.Tensor         # indices into the N objects
+    members: tuple[int, ...]      # the same, on the host
     point_inputs: dict | None
     mask_inputs: torch.Tensor | None
     prompted: bool
+
+
+@functools.lru_cache(maxsize=1024)
+def object_index(members: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The indices `members` as a tensor on `device`, copied there once per distinct set of objects (a copy from
+    the host waits for the device's queue): a volume's slices share a few sets."""
+    with torch.inference_mode(False):  # a normal tensor, usable in training after a prediction made it
+        return torch.tensor(members, dtype=torch.long, device=device)
+
+
+def _host_layout_of_slice(prompts: ObjectPrompts, s: int, counts: torch.Tensor,
+                          departures: Departures) -> tuple[list[int], list[bool]]:
+    """Each object's number of real points and whether it is absent by its prompts on slice `s`: from the
+    prompts' host layout, or read from the device in one transfer."""
+    num_objects = prompts.present.shape[0]
+    if prompts.layout is not None:
+        points, absent = prompts.layout.points[:, s].tolist(), prompts.layout.absent[:, s].tolist()
+    else:
+        points, absent = torch.stack([counts, ~prompts.present[:, s]]).tolist()
+    return points, (absent if departures.presence_from_prompts else [False] * num_objects)
 
 
 def _prompt_groups(prompts: ObjectPrompts, s: int, departures: Departures,
@@ -150,15 +184,15 @@ def _prompt_groups(prompts: ObjectPrompts, s: int, departures: Departures,
     num_objects = prompts.present.shape[0]
     device = prompts.present.device
     if s in prompts.unprompted:
-        return [_Group(torch.arange(num_objects, device=device), None, None, False)], []
+        every = tuple(range(num_objects))
+        return [_Group(object_index(every, device), every, None, None, False)], []
     coords, labels = prompts.slice_points(s)
     # real points first, in their order: a stable sort on "is padding"
     order = torch.argsort((labels == NOT_A_POINT).to(torch.int8), dim=1, stable=True)
     coords = torch.gather(coords, 1, order[..., None].expand_as(coords))
     labels = torch.gather(labels, 1, order)
-    counts = (labels != NOT_A_POINT).sum(dim=1).tolist()
+    counts, dont_care = _host_layout_of_slice(prompts, s, (labels != NOT_A_POINT).sum(dim=1), departures)
     masks = prompts.mask_inputs(s)
-    dont_care = (~prompts.present[:, s]).tolist() if departures.presence_from_prompts else [False] * num_objects
     layouts: dict[tuple[int, bool], list[int]] = {}
     for n in range(num_objects):
         if not dont_care[n]:
@@ -172,10 +206,11 @@ def _prompt_groups(prompts: ObjectPrompts, s: int, departures: Departures,
         riders = []
     groups = []
     for (count, with_mask), members in layouts.items():
-        index = torch.tensor(sorted(members), device=device)
+        members = tuple(sorted(members))
+        index = object_index(members, device)
         point_inputs = None if count == 0 else {"point_coords": coords[index, :count].float(),
                                                 "point_labels": labels[index, :count].to(torch.int32)}
-        groups.append(_Group(index, point_inputs, masks[index] if with_mask else None,
+        groups.append(_Group(index, members, point_inputs, masks[index] if with_mask else None,
                              point_inputs is not None or with_mask))
     return groups, riders
 
@@ -281,8 +316,7 @@ def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int
         with sam2_call_flags(sam_model, departures, group.prompted):
             # SAM 2 copies a mask prompt to the output without its heads when told to (SAM2_BEHAVIOUR)
             through_memory = group.mask_inputs is None or not sam_model.use_mask_input_as_output_without_sam
-            earlier = correcting.conditioned_for(group.objects) if correcting is not None and through_memory \
-                else None
+            earlier = correcting.conditioned_for(group) if correcting is not None and through_memory else None
             if earlier is not None:
                 sam_outputs, pix_feat = _correct(sam_model, earlier, group_feats, features.feat_sizes,
                                                  group.point_inputs, group.mask_inputs, is_init_cond_frame), earlier
@@ -304,18 +338,17 @@ def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int
     full_score = torch.full((num_objects, 1), ABSENT_SCORE, device=device)
     present = torch.zeros(num_objects, dtype=torch.bool, device=device)
     memory = {} if write_memory else None
-    kept_features, kept_objects = None, None
+    kept_features, kept_objects = None, frozenset()
     if len(groups) == 1 and not skipped and conditioned[0] is not None:
         # the common case, one call for every object: its features are in object order already
-        kept_features, kept_objects = conditioned[0], torch.ones(num_objects, dtype=torch.bool, device=device)
+        kept_features, kept_objects = conditioned[0], frozenset(range(num_objects))
     elif any(c is not None for c in conditioned):
-        kept_objects = torch.zeros(num_objects, dtype=torch.bool, device=device)
         shape = next(c for c in conditioned if c is not None).shape[1:]
         kept_features = vision_feats[-1].new_zeros((num_objects, *shape))
         for group, features_of_group in zip(groups, conditioned):
             if features_of_group is not None:
                 kept_features = kept_features.index_copy(0, group.objects, features_of_group.to(kept_features.dtype))
-                kept_objects[group.objects] = True
+                kept_objects = kept_objects | set(group.members)
     if groups:
         # back into object order
         order = torch.argsort(tracked)
@@ -344,7 +377,7 @@ def track_slice(sam_model: SAM2Base, features: SliceFeatures, feature_slice: int
     if write_memory:
         if skipped:
             absent = _absent_memory(sam_model, vision_feats, features.feat_sizes, len(skipped))
-            order = torch.argsort(torch.cat([tracked, torch.tensor(skipped, device=device)]))
+            order = torch.argsort(torch.cat([tracked, object_index(tuple(skipped), device)]))
             memory = absent if not groups else {
                 "obj_ptr": torch.cat([memory["obj_ptr"], absent["obj_ptr"].to(memory["obj_ptr"].dtype)])[order],
                 "maskmem_features": torch.cat([memory["maskmem_features"], absent["maskmem_features"]])[order],

@@ -15,6 +15,7 @@ from __future__ import annotations
 from sam2.build_sam import build_sam2
 from sam2.modeling.sam2_base import SAM2Base
 
+from nnunetv2_rfmedsam.model.precision import cuda_hidden
 from nnunetv2_rfmedsam.settings import SAM2_MODELS, validate_image_size, validate_model_size
 
 # SAM 2's image features (and memories) are on a grid 16 times coarser than the input frame
@@ -40,6 +41,7 @@ def build_sam2_model(model_size: str, image_size: int, device: str = "cpu") -> S
     is trained on the single-mask output, so evaluation must decode the same way.
     """
     validate_model_size(model_size)
-    model = build_sam2(SAM2_MODELS[model_size][0], ckpt_path=None, device=device, mode="train",
-                       hydra_overrides_extra=sam2_hydra_overrides(image_size), apply_postprocessing=False)
+    with cuda_hidden():
+        model = build_sam2(SAM2_MODELS[model_size][0], ckpt_path=None, device=device, mode="train",
+                           hydra_overrides_extra=sam2_hydra_overrides(image_size), apply_postprocessing=False)
     return model
