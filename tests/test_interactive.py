@@ -619,3 +619,36 @@ def test_sessions_need_an_image_first(model_dir):
         fresh.add_box(CLASS, 0, (1, 1, 5, 5))
     with pytest.raises(InteractiveError, match="label_map: no image"):
         fresh.label_map()
+
+
+# --- memory ---
+
+def test_session_holds_each_slices_features_once_and_the_positions_for_one(session):
+    """The features of every slice in one buffer per level; the position encodings, the same for every slice, once
+    (README: bytes per slice at input 1024)."""
+    features = session.features
+    depth = session.image.grid_shape[0]
+    assert features.shared_positions and all(p.shape[1] == 1 for p in features.vision_pos_embeds)
+    assert all(x.shape[1] == depth for x in features.vision_feats)
+    expected = sum(h * w * x.shape[2] * x.element_size() for x, (h, w) in zip(features.vision_feats,
+                                                                                features.feat_sizes))
+    assert features.bytes_per_slice() == expected
+    print(f"session features at input {session.network.settings.image_size}: {expected} bytes per slice, "
+          f"{sum(p.numel() * p.element_size() for p in features.vision_pos_embeds)} bytes of positions in all")
+
+
+def test_undo_beyond_the_kept_results_recomputes_the_same(session, case):
+    """The history keeps device results for its latest actions only; undoing further recomputes them, equal."""
+    from nnunetv2_rfmedsam.interactive.session import UNDO_WITH_RESULTS
+    truth = case["truth"]
+    slices = [d for d in range(truth.shape[0]) if (truth[d] == CLASS).any()][:UNDO_WITH_RESULTS + 2]
+    maps = []
+    for d in slices:
+        ys, xs = np.nonzero(truth[d] == CLASS)
+        session.add_points(CLASS, d, [(int(ys[0]), int(xs[0]), 1)])
+        maps.append(session.label_map())
+    assert [a.tracks is None for a in session._history] == \
+        [True] * (len(slices) - UNDO_WITH_RESULTS) + [False] * UNDO_WITH_RESULTS
+    for expected in reversed(maps[:-1]):
+        session.undo()
+        np.testing.assert_array_equal(session.label_map(), expected)

@@ -36,7 +36,7 @@ What is computed when:
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +51,7 @@ from nnunetv2_rfmedsam.interactive.errors import InteractiveError, PromptError
 from nnunetv2_rfmedsam.interactive.propagation import SlicePrompt, Track, propagate_object
 from nnunetv2_rfmedsam.interactive.volume import PreprocessedImage
 from nnunetv2_rfmedsam.model.network import BACKGROUND_LOGIT, PROMPT_LOGIT, RFMedSAM2Network
+from nnunetv2_rfmedsam.model.precision import sam2_precision
 from nnunetv2_rfmedsam.model.prompts import MASK_PROMPT_STRIDE, boxes_from_masks, masks_to_prompt_logits
 from nnunetv2_rfmedsam.model.refinement import ABSENT_LOGIT, SliceFeatures, encode_slices
 from nnunetv2_rfmedsam.settings import NETWORK_CLASS
@@ -58,6 +59,8 @@ from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import nnUNetTrainerRFMedSAM2
 
 # a correction's mask prompt, the slice's previous logits, is clamped as SAM 2's video predictor clamps them
 PREVIOUS_LOGITS_LIMIT = 32.0
+# undo keeps the results (device tensors of every slice) of this many latest actions; older ones keep their prompts
+UNDO_WITH_RESULTS = 4
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class _Action:
 
     description: str
     prompts: dict[int, dict[int, SlicePrompt]]
-    tracks: dict[int, Track]
+    tracks: dict[int, Track] | None  # None: dropped from the history (UNDO_WITH_RESULTS)
     starts: dict[int, "_Start"]
 
 
@@ -137,26 +140,38 @@ class InteractiveSession:
     def set_image(self, image, spacing=None) -> None:
         """A path to a NIfTI (or any SimpleITK) image, a list of paths (one per channel), or an array (D, H, W)
         or (C, D, H, W) with its spacing in array axis order (default: the model's spacing). Clears prompts."""
-        self.image = PreprocessedImage.prepare(image, spacing, self.plans_manager, self.configuration_manager,
-                                               self.dataset_json)
-        with torch.inference_mode(), self._precision():
-            self.features = self._encode(self.image.data.to(self.device))
+        prepared = PreprocessedImage.prepare(image, spacing, self.plans_manager, self.configuration_manager,
+                                             self.dataset_json)
+        # the previous image's features go before the new ones come
+        self.image, self.features = prepared, None
         self.reset()
+        try:
+            with torch.inference_mode(), self._precision():
+                self.features = self._encode(prepared.data.to(self.device))
+        except BaseException:
+            self.image = None
+            raise
 
     def _encode(self, data: torch.Tensor) -> SliceFeatures:
-        """SAM 2's image features of every slice, encoded a training patch's worth of slices at a time."""
-        chunk = self.network.settings.slices_per_patch
-        parts = [encode_slices(self.network.sam, self.network.sam_frames(data[None, :, start:start + chunk]),
-                               data[:, start:start + chunk].shape[1])
-                 for start in range(0, data.shape[1], chunk)]
-        return SliceFeatures(
-            vision_feats=[torch.cat(level, dim=1) for level in zip(*(p.vision_feats for p in parts))],
-            vision_pos_embeds=[torch.cat(level, dim=1) for level in zip(*(p.vision_pos_embeds for p in parts))],
-            feat_sizes=parts[0].feat_sizes, num_slices=data.shape[1])
+        """SAM 2's image features of every slice, encoded a training patch's worth of slices at a time into one
+        buffer per level (no concatenation, which would hold them twice), in the precision SAM 2 computes in; the
+        position encodings once (`SliceFeatures.shared_positions`)."""
+        chunk, depth = self.network.settings.slices_per_patch, data.shape[1]
+        features, positions, sizes = None, None, None
+        for start in range(0, depth, chunk):
+            part = encode_slices(self.network.sam, self.network.sam_frames(data[None, :, start:start + chunk]),
+                                 data[:, start:start + chunk].shape[1])
+            if features is None:
+                features = [x.new_empty((x.shape[0], depth, x.shape[2])) for x in part.vision_feats]
+                positions, sizes = [p[:, :1].clone() for p in part.vision_pos_embeds], part.feat_sizes
+            for buffer, level in zip(features, part.vision_feats):
+                buffer[:, start:start + level.shape[1]] = level
+        return SliceFeatures(vision_feats=features, vision_pos_embeds=positions, feat_sizes=sizes, num_slices=depth,
+                             shared_positions=True)
 
     def _precision(self):
-        # as RFMedSAM2Network.forward: SAM 2 runs in bfloat16 on CUDA
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        # as RFMedSAM2Network.forward
+        return sam2_precision(self.device)
 
     # --- prompts ---
 
@@ -241,6 +256,10 @@ class InteractiveSession:
     def _record(self, description: str) -> None:
         self._history.append(_Action(description, {c: dict(p) for c, p in self._prompts.items()},
                                      dict(self._tracks), dict(self._starts)))
+        # older actions keep their prompts only: their results (every slice's logits and memory, on the device)
+        # are recomputed if undo goes back to them
+        for old in range(max(0, len(self._history) - UNDO_WITH_RESULTS - 1), len(self._history) - UNDO_WITH_RESULTS):
+            self._history[old] = dataclasses.replace(self._history[old], tracks=None)
 
     # --- results ---
 
@@ -306,7 +325,9 @@ class InteractiveSession:
         if not self._history:
             raise InteractiveError("nothing to undo")
         action = self._history.pop()
-        self._prompts, self._tracks, self._starts = action.prompts, action.tracks, action.starts
+        self._prompts, self._tracks, self._starts = action.prompts, action.tracks or {}, action.starts
+        if action.tracks is None and self._prompts:
+            self.propagate()  # the same results again: the next correction's mask prompts are read from them
         return action.description
 
     def reset(self) -> None:
