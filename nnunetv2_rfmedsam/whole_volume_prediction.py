@@ -15,6 +15,12 @@ unchanged. The step size and Gaussian weighting of the sliding window do not app
 
 Memory: the volume's own arrays (its input, the summed logits and one mirror's logits, as nnU-Net's sliding
 window holds them) plus what the network needs for a few slices and SAM 2's bounded memory bank.
+
+Out of memory, as nnU-Net's sliding window does: where the predictor keeps its results on the GPU
+(`perform_everything_on_device`), a `torch.OutOfMemoryError` makes it try again with the logits on the CPU; then
+with fewer classes per walk (half, a quarter, ... one), each walk seeing only its classes' stage-1 masks. SAM 2
+tracks each class as an object of its own, so the classes of a walk give what they give in one walk with all of
+them (to float32 rounding).
 """
 from __future__ import annotations
 
@@ -70,26 +76,74 @@ def predict_whole_volume(predictor, input_image: torch.Tensor) -> torch.Tensor:
     refiner = whole_volume_network(predictor.network)
     axes = predictor.allowed_mirroring_axes if predictor.use_mirroring else None
     mirrors = 2 ** len(axes) if axes else 1
-    total = mirrors * input_image.shape[1]
+    classes = input_image.shape[0] - refiner.image_channels
     # a caller that shows its own progress (the napari plugin) sets `slice_progress_callback(done, total)`
     callback = getattr(predictor, "slice_progress_callback", None)
-    with torch.inference_mode(), tqdm(total=total, unit="slice", desc="refining slices (whole volume, every mirror)",
-                                      disable=not predictor.allow_tqdm) as progress:
-        done = 0
+    attempts = memory_attempts(predictor.device, predictor.perform_everything_on_device, classes)
+    for number, (results_device, classes_per_walk) in enumerate(attempts):
+        groups = [list(range(start, min(start + classes_per_walk, classes)))
+                  for start in range(0, classes, classes_per_walk)]
+        total = mirrors * input_image.shape[1] * len(groups)
+        with torch.inference_mode(), tqdm(total=total, unit="slice", disable=not predictor.allow_tqdm,
+                                          desc="refining slices (whole volume, every mirror)") as progress:
+            done = 0
 
-        def advance(slices: int) -> None:
-            nonlocal done
-            done += slices
-            progress.update(slices)
-            if callback is not None:
-                callback(done, total)
+            def advance(slices: int) -> None:
+                nonlocal done
+                done += slices
+                progress.update(slices)
+                if callback is not None:
+                    callback(done, total)
 
-        refiner.slice_progress = advance
-        try:
-            logits = predictor._internal_maybe_mirror_and_predict(input_image.to(predictor.device)[None])[0]
-        finally:
-            refiner.slice_progress = None
+            refiner.slice_progress, refiner.results_device = advance, results_device
+            try:
+                logits = _predict_in_groups(predictor, refiner, input_image, groups)
+                break
+            except torch.OutOfMemoryError:
+                if number + 1 == len(attempts):
+                    raise
+                following = attempts[number + 1]
+                print(f"whole-volume prediction ran out of memory; trying again with the logits on "
+                      f"{following[0]} and {following[1]} of {classes} classes per walk")
+                logits = None
+                empty_cache(predictor.device)
+            finally:
+                refiner.slice_progress, refiner.results_device = None, None
     results_device = predictor.device if predictor.perform_everything_on_device else torch.device("cpu")
     logits = logits.to(results_device)
     empty_cache(predictor.device)
+    return logits
+
+
+def memory_attempts(device: torch.device, perform_everything_on_device: bool,
+                    classes: int) -> list[tuple[torch.device, int]]:
+    """(where the logits are kept, classes per walk) to try in turn: first as the predictor asks, then, on a GPU
+    whose predictor keeps results on it, with the logits on the CPU, then with half the classes per walk, a
+    quarter, ... one (see the module docstring)."""
+    cpu = torch.device("cpu")
+    first = device if perform_everything_on_device and device.type != "cpu" else cpu
+    attempts = [(first, classes)] + ([(cpu, classes)] if first != cpu else [])
+    per_walk = classes
+    while per_walk > 1:
+        per_walk = (per_walk + 1) // 2
+        attempts.append((cpu, per_walk))
+    return attempts
+
+
+def _predict_in_groups(predictor, refiner, input_image: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """The predictor's mirrored prediction, one walk per group of classes: each walk sees only its classes'
+    stage-1 masks (the others are absent to it), and gives the logits of its classes."""
+    x = input_image.to(predictor.device)[None]
+    if len(groups) == 1:
+        return predictor._internal_maybe_mirror_and_predict(x)[0]
+    logits = None
+    for group in groups:
+        seen = x.clone()
+        hidden = [refiner.image_channels + k for k in range(seen.shape[1] - refiner.image_channels) if k not in group]
+        seen[:, hidden] = 0
+        part = predictor._internal_maybe_mirror_and_predict(seen)[0]
+        if logits is None:
+            logits = part  # background, and classes absent from every group's masks, as any walk gives them
+        channels = [1 + k for k in group]  # output channel 0 is the background
+        logits[channels] = part[channels]
     return logits

@@ -16,6 +16,7 @@ from nnunetv2_rfmedsam.model import refinement
 from nnunetv2_rfmedsam.model.network import RFMedSAM2Network
 from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases
 from nnunetv2_rfmedsam.trainers import nnUNetTrainerRFMedSAM2
+from nnunetv2_rfmedsam.whole_volume_prediction import memory_attempts, predict_whole_volume
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -254,3 +255,41 @@ def test_a_volume_without_any_foreground_costs_no_encoder_call():
     logits = run(network, x)
     assert calls.frames == 0 and not calls.objects
     assert (logits.argmax(1) == 0).all()
+
+
+# --- out of memory ---
+
+def test_memory_attempts_follow_nnunet_then_split_the_classes():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert memory_attempts(cuda, True, 13) == [(cuda, 13), (cpu, 13), (cpu, 7), (cpu, 4), (cpu, 2), (cpu, 1)]
+    assert memory_attempts(cuda, False, 2) == [(cpu, 2), (cpu, 1)]  # results on the CPU as the predictor asks
+    assert memory_attempts(cpu, True, 1) == [(cpu, 1)]
+
+
+def test_out_of_memory_tries_again_class_by_class_with_the_same_answer(monkeypatch, capsys):
+    """A walk of more than one class runs out of memory (injected): the prediction tries again, one class per walk,
+    and gives the logits of the walk of both classes, to float32 rounding, and the same label map."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    network = fresh_network()
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False,
+                                use_mirroring=False)
+    predictor.network, predictor.allowed_mirroring_axes = network, None
+    volume = hippocampus_volume(slices=12)[0]
+    expected = predict_whole_volume(predictor, volume)
+    refine, walks = RFMedSAM2Network._refine, []
+
+    def refine_within_memory(self, x, keep_all_passes=True):
+        classes = int(x[:, self.image_channels:].flatten(2).any(dim=2).sum())
+        walks.append(classes)
+        if classes > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return refine(self, x, keep_all_passes)
+
+    monkeypatch.setattr(RFMedSAM2Network, "_refine", refine_within_memory)
+    retried = predict_whole_volume(predictor, volume)
+    assert walks == [2, 1, 1]
+    printed = capsys.readouterr().out
+    assert "ran out of memory; trying again with the logits on cpu and 1 of 2 classes per walk" in printed
+    torch.testing.assert_close(retried, expected, atol=1e-4, rtol=0)
+    assert torch.equal(retried.argmax(dim=0), expected.argmax(dim=0))
+    assert network.results_device is None and network.slice_progress is None

@@ -126,6 +126,9 @@ class RFMedSAM2Network(nn.Module):
         self.predicts_whole_volumes = True
         # called with 1 after each slice of a forward in prediction (whole_volume_prediction.py's progress bar)
         self.slice_progress = None
+        # where a forward in prediction keeps its logits (None: the input's device); whole_volume_prediction.py
+        # moves them to the CPU when the GPU runs out of memory
+        self.results_device: torch.device | None = None
         whole_volume_prediction.install()
         cascade_inputs.install()
         cascade_export.install()
@@ -274,8 +277,9 @@ class RFMedSAM2Network(nn.Module):
         chunk = SLICES_PER_ENCODER_CALL if predicting and walk.in_slice_order else depth
         walked = self._slices_to_walk(presence[tracked_host], walk)
         kept = range(passes) if keep_all_passes else [passes - 1]
-        logits = {p: x.new_empty((batch, self.num_foreground_classes + 1, depth, height, width), dtype=torch.float32)
-                  for p in kept}
+        results_device = self.results_device if predicting and self.results_device is not None else x.device
+        logits = {p: torch.empty((batch, self.num_foreground_classes + 1, depth, height, width), dtype=torch.float32,
+                                 device=results_device) for p in kept}
         scores = [x.new_full((objects.shape[0], depth), ABSENT_SCORE, dtype=torch.float32) for _ in range(passes)]
         features, chunk_start = None, None
         for step, d in enumerate(walk.order):
