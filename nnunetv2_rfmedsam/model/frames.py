@@ -12,11 +12,12 @@ The windows are written into the plans by the planner (`SAM2Settings.intensity_w
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from nnunetv2_rfmedsam.model.device_constants import device_constant
 
 # sam2/utils/misc.py and SAM2Transforms
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -101,7 +102,9 @@ def slices_to_sam_frames(image: torch.Tensor, size: int, windows: Sequence[Seque
     if len(windows) != channels:
         raise ValueError(f"{len(windows)} intensity windows for {channels} image channels; the plans need one "
                          f"[low, high] per channel")
-    bounds = _device_constant(tuple((float(low), float(high)) for low, high in windows), image.device)
+    # tensors, not Python numbers: division by a Python number is a multiplication by its reciprocal on CUDA, one
+    # bit away from torchvision's normalisation that sam2 uses
+    bounds = device_constant(tuple((float(low), float(high)) for low, high in windows), torch.float32, image.device)
     low, high = bounds[:, 0].view(1, channels, 1, 1), bounds[:, 1].view(1, channels, 1, 1)
     slices = image.transpose(1, 2).reshape(batch * depth, channels, height, width).float()
     unit = ((slices - low) / (high - low)).clamp(0, 1)
@@ -112,15 +115,6 @@ def slices_to_sam_frames(image: torch.Tensor, size: int, windows: Sequence[Seque
     else:
         rgb = unit[:, :3]
     rgb = F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-    mean = _device_constant(tuple(IMAGENET_MEAN), rgb.device).view(1, 3, 1, 1)
-    std = _device_constant(tuple(IMAGENET_STD), rgb.device).view(1, 3, 1, 1)
+    mean = device_constant(tuple(IMAGENET_MEAN), torch.float32, rgb.device).view(1, 3, 1, 1)
+    std = device_constant(tuple(IMAGENET_STD), torch.float32, rgb.device).view(1, 3, 1, 1)
     return (rgb - mean) / std
-
-
-@functools.lru_cache(maxsize=64)
-def _device_constant(values: tuple, device: torch.device) -> torch.Tensor:
-    """A float32 tensor of constants on a device, copied there once rather than with every chunk of slices (a copy
-    from the host waits for the device's queue). Tensors, not Python numbers: division by a Python number is a
-    multiplication by its reciprocal on CUDA, one bit away from torchvision's normalisation that sam2 uses."""
-    with torch.inference_mode(False):  # a normal tensor, usable in training after a prediction made it
-        return torch.tensor(values, dtype=torch.float32, device=device)

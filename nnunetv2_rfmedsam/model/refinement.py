@@ -34,7 +34,6 @@ the head, so that slices left to memory are judged by a head that has seen this 
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from sam2.modeling.sam2_base import NO_OBJ_SCORE, SAM2Base
 
 from nnunetv2_rfmedsam.model.departures import REFINER, Departures, sam2_call_flags
+from nnunetv2_rfmedsam.model.device_constants import device_constant
 from nnunetv2_rfmedsam.model.prompts import NOT_A_POINT, ObjectPrompts
 
 # the logit of a class on a slice where it is absent: background after nnU-Net's softmax, yet finite
@@ -152,23 +152,21 @@ class _Group(NamedTuple):
     prompted: bool
 
 
-@functools.lru_cache(maxsize=1024)
 def object_index(members: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """The indices `members` as a tensor on `device`, copied there once per distinct set of objects (a copy from
-    the host waits for the device's queue): a volume's slices share a few sets."""
-    with torch.inference_mode(False):  # a normal tensor, usable in training after a prediction made it
-        return torch.tensor(members, dtype=torch.long, device=device)
+    """The indices `members` on `device`, copied there once per distinct set of objects (a volume's slices share a
+    few sets)."""
+    return device_constant(members, torch.long, device)
 
 
-def _host_layout_of_slice(prompts: ObjectPrompts, s: int, counts: torch.Tensor,
+def _host_layout_of_slice(prompts: ObjectPrompts, s: int, labels: torch.Tensor,
                           departures: Departures) -> tuple[list[int], list[bool]]:
-    """Each object's number of real points and whether it is absent by its prompts on slice `s`: from the
-    prompts' host layout, or read from the device in one transfer."""
+    """Each object's number of real points (`labels` (N, P) not NOT_A_POINT) and whether it is absent by its
+    prompts on slice `s`: from the prompts' host layout, or read from the device in one transfer."""
     num_objects = prompts.present.shape[0]
     if prompts.layout is not None:
         points, absent = prompts.layout.points[:, s].tolist(), prompts.layout.absent[:, s].tolist()
     else:
-        points, absent = torch.stack([counts, ~prompts.present[:, s]]).tolist()
+        points, absent = torch.stack([(labels != NOT_A_POINT).sum(dim=1), ~prompts.present[:, s]]).tolist()
     return points, (absent if departures.presence_from_prompts else [False] * num_objects)
 
 
@@ -191,7 +189,7 @@ def _prompt_groups(prompts: ObjectPrompts, s: int, departures: Departures,
     order = torch.argsort((labels == NOT_A_POINT).to(torch.int8), dim=1, stable=True)
     coords = torch.gather(coords, 1, order[..., None].expand_as(coords))
     labels = torch.gather(labels, 1, order)
-    counts, dont_care = _host_layout_of_slice(prompts, s, (labels != NOT_A_POINT).sum(dim=1), departures)
+    counts, dont_care = _host_layout_of_slice(prompts, s, labels, departures)
     masks = prompts.mask_inputs(s)
     layouts: dict[tuple[int, bool], list[int]] = {}
     for n in range(num_objects):
