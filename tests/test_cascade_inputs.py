@@ -190,21 +190,26 @@ def test_stage1_predictions_off_the_image_or_with_foreign_labels_are_named(cases
         check_stage1_predictions(images[:1], stage1[:1], str(folder), LABELS)
 
 
-@pytest.fixture(scope="module")
-def refiner_predictor(planned_workspace):
-    """nnU-Net's own predictor with a refiner (untrained: nothing runs it), on the workspace's plans."""
+def untrained_predictor(planned_workspace, trainer, configuration_name: str, input_channels: int,
+                        trainer_name: str):
+    """nnU-Net's own predictor with `trainer`'s network (untrained: nothing runs it) on the workspace's plans, as
+    nnUNetv2_predict builds it for a model of `trainer_name`."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import nnUNetTrainerRFMedSAM2
     preprocessed = planned_workspace["root"] / "preprocessed" / DATASET_NAME
     plans_manager = PlansManager(str(preprocessed / f"{PLANS}.json"))
-    configuration = plans_manager.get_configuration("3d_rfmedsam2")
-    network = nnUNetTrainerRFMedSAM2.build_network_architecture(plans_manager, configuration, 3, 3, False)
+    configuration = plans_manager.get_configuration(configuration_name)
+    network = trainer.build_network_architecture(plans_manager, configuration, input_channels, 3, False)
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
     predictor.manual_initialization(network, plans_manager, configuration, [network.state_dict()],
-                                    json.loads((preprocessed / "dataset.json").read_text()),
-                                    "nnUNetTrainerRFMedSAM2", None)
+                                    json.loads((preprocessed / "dataset.json").read_text()), trainer_name, None)
     return predictor
+
+
+@pytest.fixture(scope="module")
+def refiner_predictor(planned_workspace):
+    from nnunetv2_rfmedsam.trainers.rfmedsam2_trainer import nnUNetTrainerRFMedSAM2
+    return untrained_predictor(planned_workspace, nnUNetTrainerRFMedSAM2, "3d_rfmedsam2", 3, "nnUNetTrainerRFMedSAM2")
 
 
 def test_the_cascade_refuses_a_non_finite_image_before_predicting_any_case(refiner_predictor, cases,
@@ -232,18 +237,9 @@ def test_the_cascade_refuses_a_stage1_prediction_with_a_foreign_label(refiner_pr
 
 
 def stage1_predictor(planned_workspace, trainer_name: str):
-    """nnU-Net's predictor with stage 1's network (untrained: nothing runs it), as nnUNetv2_predict builds it."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    """Stage 1's network in nnU-Net's predictor, as a model of `trainer_name`."""
     from nnunetv2_rfmedsam.trainers.prompt_trainer import nnUNetTrainerRFPrompt
-    preprocessed = planned_workspace["root"] / "preprocessed" / DATASET_NAME
-    plans_manager = PlansManager(str(preprocessed / f"{PLANS}.json"))
-    configuration = plans_manager.get_configuration("3d_fullres")
-    network = nnUNetTrainerRFPrompt.build_network_architecture(plans_manager, configuration, 1, 3, False)
-    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
-    predictor.manual_initialization(network, plans_manager, configuration, [network.state_dict()],
-                                    json.loads((preprocessed / "dataset.json").read_text()), trainer_name, None)
-    return predictor
+    return untrained_predictor(planned_workspace, nnUNetTrainerRFPrompt, "3d_fullres", 1, trainer_name)
 
 
 @pytest.fixture
