@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from scipy import ndimage
 
 from conftest import DATASET_NAME, STAGE2_FOLD, STAGE2_FOLDER
@@ -133,6 +134,24 @@ def test_the_session_keeps_a_seeded_mask_while_its_gates_are_closed(loaded_sessi
     assert float(loaded_session.network.prompt_gates.max()) < 0.01
     loaded_session.add_mask(1, case["automatic"])
     np.testing.assert_array_equal(loaded_session.class_mask(1), case["automatic"] == 1)
+
+
+def test_a_seeded_class_follows_the_gate_of_the_last_pass(loaded_session, case):
+    """The last pass, the one trained on clicks, decides: its gate closed keeps the mask whatever the first pass's
+    gate; its gate open follows SAM 2 (random weights here), whatever the first pass's."""
+    network = loaded_session.network
+    trained = network.prompt_gate_logits.detach().clone()
+    seeded = {}
+    try:
+        for name, gates in {"last closed": [[1.0], [0.0]], "last open": [[0.0], [1.0]]}.items():
+            network.set_prompt_gates(torch.tensor(gates))
+            loaded_session.reset()
+            loaded_session.add_mask(1, case["automatic"])
+            seeded[name] = loaded_session.class_mask(1)
+    finally:
+        network.prompt_gate_logits.data.copy_(trained)
+    np.testing.assert_array_equal(seeded["last closed"], case["automatic"] == 1)
+    assert (seeded["last open"] != (case["automatic"] == 1)).any()
 
 
 def test_click_simulation_from_stage1_starts_at_stage1_and_never_loses(loaded_session, case):
