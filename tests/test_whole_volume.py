@@ -205,8 +205,18 @@ def test_slices_after_the_last_foreground_are_neither_encoded_nor_walked(monkeyp
     x = x[:, :, last - 9:last + 4]  # 10 slices with foreground, then 3 without
     network = fresh_network()
     calls = EncoderCalls(network)
+    walks = []
+
+    class RecordedWalk(refinement.SliceWalk):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            walks.append(self)
+
+    monkeypatch.setattr(network_module, "SliceWalk", RecordedWalk)
     walked = run(network, x)
     assert calls.frames == 10
+    # the last walked slice's memory would serve no slice: it is not encoded
+    assert set(walks[0].bank.output_dict["non_cond_frame_outputs"]) == set(range(1, 9))
     assert (walked[0, 1:, 10:] == (2 * x[0, 1:, 10:] - 1) * network_module.PROMPT_LOGIT * 0.4 +
             0.6 * refinement.ABSENT_LOGIT).all()
 

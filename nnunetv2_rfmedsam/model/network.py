@@ -276,6 +276,7 @@ class RFMedSAM2Network(nn.Module):
                          skip_absent=predicting)
         chunk = SLICES_PER_ENCODER_CALL if predicting and walk.in_slice_order else depth
         walked = self._slices_to_walk(presence[tracked_host], walk)
+        walk.end_after(walked)
         kept = range(passes) if keep_all_passes else [passes - 1]
         results_device = self.results_device if predicting and self.results_device is not None else x.device
         logits = {p: torch.empty((batch, self.num_foreground_classes + 1, depth, height, width), dtype=torch.float32,

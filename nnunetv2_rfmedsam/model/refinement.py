@@ -411,6 +411,12 @@ class SliceWalk:
         first = sorted(self.conditioning) if use_memory else []
         self.order = first + [d for d in range(num_slices) if d not in self.conditioning or not use_memory]
         self.bank = MemoryBank(sam_model)
+        self.steps = num_slices
+
+    def end_after(self, steps: int) -> None:
+        """Take only the first `steps` steps of the walk (prediction ends it after the last slice with a stage-1
+        foreground): the memory of the last one would serve no slice, so it is not written."""
+        self.steps = steps
 
     @property
     def in_slice_order(self) -> bool:
@@ -425,7 +431,7 @@ class SliceWalk:
         conditioning = d in self.conditioning
         out = track_slice(self.sam, features, feature_slice, prompts, prompt_slice, self.bank,
                           is_init_cond_frame=conditioning or not self.use_memory,
-                          write_memory=remember and self.use_memory and step_index < self.num_slices - 1,
+                          write_memory=remember and self.use_memory and step_index < self.steps - 1,
                           departures=self.departures, frame_index=d, num_frames=self.num_slices,
                           skip_absent=self.skip_absent, correcting=correcting)
         if out.memory is not None:
