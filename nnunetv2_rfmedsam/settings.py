@@ -46,6 +46,10 @@ class SAM2Settings:
     adapter_width: int = 32
     refinement_passes: int = 2
     slices_per_patch: int = 8
+    # in training, SAM 2 tracks this many of the foreground classes per step, drawn at random each step (the same
+    # for every patch of the batch); the others keep their stage-1 logits. None: every class. The planner lowers it
+    # to fit the GPU memory target (planners/training_memory.py); prediction always tracks every class
+    objects_per_step: int | None = None
     use_memory: bool = True
     # fraction of the box side by which each box edge is randomly moved during training
     box_jitter: float = 0.1
@@ -89,6 +93,11 @@ class SAM2Settings:
         if not isinstance(self.slices_per_patch, int) or self.slices_per_patch < 1:
             raise SettingsError(
                 f"slices_per_patch: {self.slices_per_patch!r} is not allowed; use a positive integer")
+        if self.objects_per_step is not None and (not isinstance(self.objects_per_step, int) or
+                                                  isinstance(self.objects_per_step, bool) or
+                                                  self.objects_per_step < 1):
+            raise SettingsError(f"objects_per_step: {self.objects_per_step!r} is not allowed; use a positive integer "
+                                f"or null (every class)")
         if not 0 <= self.box_jitter < 1:
             raise SettingsError(f"box_jitter: {self.box_jitter!r} is not allowed; use a fraction in [0, 1)")
         if not isinstance(self.test_time_mirroring, bool):

@@ -28,7 +28,8 @@ def test_rfmedsam2_configuration_is_linked_to_3d_fullres(planned_workspace):
 def test_default_settings_are_written():
     written = SAM2Settings().to_plans()
     assert written == {"model_size": "tiny", "image_size": 1024, "adapter_width": 32, "refinement_passes": 2,
-                       "slices_per_patch": 8, "use_memory": True, "box_jitter": 0.1, "train_with_clicks": True,
+                       "slices_per_patch": 8, "objects_per_step": None, "use_memory": True, "box_jitter": 0.1,
+                       "train_with_clicks": True,
                        "training_prompt_dropout": 0.25, "start_at_prompt": True, "presence_loss_weight": 1.0,
                        "intensity_windows": None, "test_time_mirroring": False}
 

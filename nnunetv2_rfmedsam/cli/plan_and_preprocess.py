@@ -23,6 +23,7 @@ SAM2_OPTIONS = {  # command-line option -> SAM2Settings field
     "--sam2-adapter-width": "adapter_width",
     "--sam2-passes": "refinement_passes",
     "--sam2-slices-per-patch": "slices_per_patch",
+    "--sam2-objects-per-step": "objects_per_step",
 }
 
 # The figures are those of model/hiera_windows.py (tested there), read off sam2's configs and hieradet.py. Hiera
@@ -40,6 +41,7 @@ IMAGE_SIZE_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nnunetv2_rfmedsam.planners.rfmedsam2_planner import STAGE2_BATCH_SIZE, STAGE2_GPU_MEMORY_TARGET_GB
     parser = argparse.ArgumentParser(
         prog="nnUNetv2_rfmedsam_plan_and_preprocess",
         description="nnUNetv2_plan_and_preprocess with the RFMedSAM 2 planner: nnU-Net's default configurations "
@@ -54,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-pl", default=DEFAULT_PLANNER,
                         help=f"planner: {DEFAULT_PLANNER} (default) or any nnU-Net planner name, which then plans "
                              f"stage 1 and gains the {STAGE2_CONFIGURATION} stage")
-    parser.add_argument("-gpu_memory_target", type=float, default=None, help="GPU memory target in GB")
+    parser.add_argument("-gpu_memory_target", type=float, default=None,
+                        help=f"GPU memory target in GB: nnU-Net's configurations plan for it as in nnU-Net, and "
+                             f"{STAGE2_CONFIGURATION} lowers its objects per step, batch size and slices per patch "
+                             f"(in that order) to fit it, leaving alone those given below (default: the planner's "
+                             f"own for nnU-Net's configurations, {STAGE2_GPU_MEMORY_TARGET_GB:g} for "
+                             f"{STAGE2_CONFIGURATION})")
     parser.add_argument("-preprocessor_name", default="DefaultPreprocessor", help="preprocessor class")
     parser.add_argument("-overwrite_target_spacing", nargs="+", default=None, help="3d_fullres target spacing")
     parser.add_argument("-overwrite_plans_name", default=None,
@@ -78,8 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"hidden width of the adapters (default {defaults.adapter_width})")
     parser.add_argument("--sam2-passes", type=_integer, default=defaults.refinement_passes,
                         help=f"refinement passes, 1 or 2 (default {defaults.refinement_passes})")
-    parser.add_argument("--sam2-slices-per-patch", type=_integer, default=defaults.slices_per_patch,
-                        help=f"slices per training patch (default {defaults.slices_per_patch})")
+    parser.add_argument("--sam2-slices-per-patch", type=_integer, default=None,
+                        help=f"slices per training patch (default: at most {defaults.slices_per_patch}, as many as "
+                             f"fit -gpu_memory_target)")
+    parser.add_argument("--sam2-objects-per-step", type=_integer, default=None,
+                        help="classes SAM 2 tracks per training step, drawn at random each step (default: as many "
+                             "as fit -gpu_memory_target, at most every class)")
+    parser.add_argument("--sam2-batch-size", type=_integer, default=None,
+                        help=f"patches per training step of {STAGE2_CONFIGURATION} (default: at most "
+                             f"{STAGE2_BATCH_SIZE}, as many as fit -gpu_memory_target)")
     parser.add_argument("--sam2-no-memory", action="store_true",
                         help="turn SAM 2's memory across slices off (an ablation)")
     parser.add_argument("--sam2-plain-refiner", action="store_true",
@@ -108,6 +122,7 @@ def _integer(text: str):
 
 def sam2_settings_from_args(args: argparse.Namespace) -> SAM2Settings:
     values = {field: getattr(args, option[2:].replace("-", "_")) for option, field in SAM2_OPTIONS.items()}
+    values = {field: value for field, value in values.items() if value is not None}  # not given: the default
     values["use_memory"] = not args.sam2_no_memory
     values["train_with_clicks"] = not args.sam2_no_click_training
     values["start_at_prompt"] = not args.sam2_plain_refiner
@@ -120,6 +135,19 @@ def sam2_settings_from_args(args: argparse.Namespace) -> SAM2Settings:
         field, _, problem = str(error).partition(": ")
         option = next(o for o, f in SAM2_OPTIONS.items() if f == field)
         raise SettingsError(f"{option}: {problem}") from None
+
+
+def stage2_choices_from_args(args: argparse.Namespace) -> dict:
+    """The planner's keyword arguments for what the user fixed of stage 2's training step (the rest it fits to
+    the GPU memory target)."""
+    if args.sam2_batch_size is not None and (not isinstance(args.sam2_batch_size, int) or args.sam2_batch_size < 1):
+        raise SettingsError(f"--sam2-batch-size: {args.sam2_batch_size!r} is not allowed; use a positive integer")
+    given = {"batch_size": args.sam2_batch_size, "slices_per_patch": args.sam2_slices_per_patch,
+             "objects_per_step": args.sam2_objects_per_step}
+    choices = {"stage2_fixed": tuple(name for name, value in given.items() if value is not None)}
+    if args.sam2_batch_size is not None:
+        choices["stage2_batch_size"] = args.sam2_batch_size
+    return choices
 
 
 def resolve_planner_class(name: str):
@@ -183,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     from nnunetv2_rfmedsam.dataset_support import UnsupportedDataset
     try:
         settings = sam2_settings_from_args(args)
+        stage2_choices = stage2_choices_from_args(args)
         planner_class = resolve_planner_class(args.pl)
         check_raw_datasets(args.d)
     except (SettingsError, UnsupportedDataset) as error:
@@ -206,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                          show_progress_bar=not args.no_pbar)
     print(f"Experiment planning with {planner_class.__name__} ({settings})...")
     plans_name = args.overwrite_plans_name or default_plans_name(planner_class)
-    planner = functools.partial(planner_class, sam2_settings=settings)
+    planner = functools.partial(planner_class, sam2_settings=settings, **stage2_choices)
     for dataset_id in args.d:
         plan_experiment_dataset(dataset_id, planner, args.gpu_memory_target, args.preprocessor_name,
                                 args.overwrite_target_spacing, plans_name)

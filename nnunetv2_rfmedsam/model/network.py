@@ -118,6 +118,8 @@ class RFMedSAM2Network(nn.Module):
             raise ValueError(f"intensity_windows: {len(self.intensity_windows)} window(s) for {self.image_channels} "
                              f"image channel(s)")
         self._click_targets: torch.Tensor | None = None
+        # the classes SAM 2 tracks in this training step, when `objects_per_step` leaves some out (None: all)
+        self._tracked_classes: np.ndarray | None = None
         # set by load_sam2_checkpoint: the file SAM 2's frozen weights came from, and their state-dict keys
         self.sam2_reference: SAM2Reference | None = None
         self._referenced_keys: set[str] = set()
@@ -231,11 +233,25 @@ class RFMedSAM2Network(nn.Module):
         """Indices of the objects SAM 2 has to track, from where each one's stage-1 mask is present (N, D). In
         prediction (one image, presence from prompts), an object absent from every slice's stage-1 mask is absent
         from every result, so it costs nothing: SAM 2's logit there is ABSENT_LOGIT, and a gate in (0, 1) keeps the
-        class logit between it and the prompt's -PROMPT_LOGIT, both below the background's."""
-        if self.training or presence.shape[0] != self.num_foreground_classes or \
-                not self.departures.presence_from_prompts:
+        class logit between it and the prompt's -PROMPT_LOGIT, both below the background's. In training, the objects
+        of `objects_per_step` classes (`_sampled_objects`)."""
+        self._tracked_classes = None
+        if self.training:
+            return self._sampled_objects(presence.shape[0] // self.num_foreground_classes)
+        if presence.shape[0] != self.num_foreground_classes or not self.departures.presence_from_prompts:
             return np.arange(presence.shape[0])
         return np.flatnonzero(presence.any(axis=1))
+
+    def _sampled_objects(self, batch: int) -> np.ndarray:
+        """The objects of `objects_per_step` foreground classes drawn uniformly at random, the same classes for every
+        patch of the batch (every object when unset or not fewer than the classes); the classes left out keep their
+        stage-1 logits (`_untracked_as_prompts`). Objects are independent in SAM 2, so a step on some classes is a
+        step on all of them with the others' losses left out."""
+        classes, per_step = self.num_foreground_classes, self.settings.objects_per_step
+        if per_step is None or per_step >= classes:
+            return np.arange(batch * classes)
+        self._tracked_classes = np.sort(torch.randperm(classes)[:per_step].numpy())
+        return (np.arange(batch)[:, None] * classes + self._tracked_classes).ravel()
 
     def _slices_to_walk(self, presence: np.ndarray, walk: SliceWalk) -> int:
         """How many of the first slices SAM 2 has to walk for the tracked objects, whose stage-1 masks are present
@@ -270,7 +286,7 @@ class RFMedSAM2Network(nn.Module):
         predicting = not self.training
         first_prompts = None
         if self.training:
-            first_prompts = self._first_pass_prompts(objects, layout)
+            first_prompts = self._first_pass_prompts(objects if all_tracked else objects[tracked], layout)
         walk = SliceWalk(self.sam, depth, self.settings.use_memory, self.departures,
                          first_prompts.unprompted if first_prompts is not None else frozenset(),
                          skip_absent=predicting)
@@ -355,9 +371,19 @@ class RFMedSAM2Network(nn.Module):
         """SAM 2's per-object logits (N, D, H, W) -> class logits (B, K + 1, D, H, W), gated with the stage-1
         masks (B, K, D, H, W) when the refinement starts at its prompt."""
         per_class = sam_logits.float().reshape(stage1.shape)
+        prompt = (2 * stage1.float() - 1) * PROMPT_LOGIT
         if self.prompt_gate_logits is not None:
-            prompt = (2 * stage1.float() - 1) * PROMPT_LOGIT
             gate = torch.sigmoid(self.prompt_gate_logits[refinement_pass]).reshape(1, -1, 1, 1, 1)
             per_class = prompt + gate * (per_class - prompt)
+        per_class = self._untracked_as_prompts(per_class, prompt)
         background = torch.full_like(per_class[:, :1], BACKGROUND_LOGIT)
         return torch.cat([background, per_class], dim=1)
+
+    def _untracked_as_prompts(self, per_class: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """The classes SAM 2 did not track in this training step (`objects_per_step`) keep their stage-1 logits,
+        with no gradient into their gates: SAM 2 said nothing about them that the loss could judge."""
+        if self._tracked_classes is None:
+            return per_class
+        tracked = set(self._tracked_classes.tolist())
+        return torch.stack([per_class[:, k] if k in tracked else prompt[:, k] for k in range(per_class.shape[1])],
+                           dim=1)

@@ -159,6 +159,7 @@ class nnUNetTrainerRFMedSAM2(AtomicCheckpointMixin, SupportedDatasetMixin, Envir
         trainable, total = self.network_module.parameter_counts()
         self.print_to_log_file(f"RFMedSAM 2 parameters: {trainable:,} trainable of {total:,} "
                                f"({100 * trainable / total:.2f}%)")
+        self.log_training_memory_estimate()
         settings = self.network_module.settings
         clicks = settings.train_with_clicks and settings.refinement_passes > 1
         self.print_to_log_file(f"Point prompts in training (pass 2 gets a click at pass 1's errors on each slice): "
@@ -167,6 +168,15 @@ class nnUNetTrainerRFMedSAM2(AtomicCheckpointMixin, SupportedDatasetMixin, Envir
         self.print_to_log_file(f"Prompt dropout in training: {dropout:.0%} of slices after the first from memory "
                                f"alone, {dropout:.0%} of the others with a box but no mask")
         super().on_train_start()
+
+    def log_training_memory_estimate(self):
+        """The planner's upper bound of a step's GPU memory (planners/training_memory.py), if the plans have one."""
+        configuration = self.configuration_manager.configuration
+        estimate = configuration.get("training_memory_estimate_gb")
+        if estimate:
+            target = configuration.get("gpu_memory_target_gb")
+            self.print_to_log_file(f"Training memory estimate (upper bound): {estimate['total']} GB, activations "
+                                   f"{estimate['activations']} GB; planned for {target} GB")
 
     def check_stage1_predictions(self):
         folder = self.folder_with_segs_from_previous_stage
