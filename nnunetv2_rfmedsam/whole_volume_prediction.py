@@ -16,6 +16,8 @@ unchanged. The step size and Gaussian weighting of the sliding window do not app
 Memory: the volume's own arrays (its input, the summed logits and one mirror's logits, as nnU-Net's sliding
 window holds them) plus what the network needs for a few slices and SAM 2's bounded memory bank.
 
+torch.compile: see `compile_the_step_not_the_walk`.
+
 Out of memory, as nnU-Net's sliding window does: where the predictor keeps its results on the GPU
 (`perform_everything_on_device`), a `torch.OutOfMemoryError` makes it try again with the logits on the CPU; then
 with fewer classes per walk (half, a quarter, ... one), each walk seeing only its classes' stage-1 masks. SAM 2
@@ -67,6 +69,7 @@ def predict_whole_volume(predictor, input_image: torch.Tensor) -> torch.Tensor:
     if input_image.ndim != 4:
         raise ValueError(f"whole-volume prediction takes a (channels, x, y, z) volume; got shape "
                          f"{tuple(input_image.shape)}")
+    compile_the_step_not_the_walk(predictor)
     predictor.network = predictor.network.to(predictor.device)
     predictor.network.eval()
     empty_cache(predictor.device)
@@ -113,6 +116,18 @@ def predict_whole_volume(predictor, input_image: torch.Tensor) -> torch.Tensor:
     logits = logits.to(results_device)
     empty_cache(predictor.device)
     return logits
+
+
+def compile_the_step_not_the_walk(predictor) -> None:
+    """Under `nnUNet_compile=t` nnU-Net's predictor wraps its network in torch.compile, which for the refiner would
+    compile the walk through the slices (model/compilation.py). The predictor gets the refiner back instead, with
+    SAM 2's per-slice modules compiled; the wrapper never ran, so nothing was compiled for it."""
+    from torch._dynamo import OptimizedModule
+    if isinstance(predictor.network, OptimizedModule):
+        # not find_refiner(predictor.network): the wrapper answers for its module's attributes
+        refiner = find_refiner(predictor.network._orig_mod)
+        refiner.compile_per_slice_step()
+        predictor.network = refiner
 
 
 def memory_attempts(device: torch.device, perform_everything_on_device: bool,

@@ -136,9 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [prediction_row(net, volume, f"predict {tuple(volume.shape[2:])}, {args.classes} classes"),
             training_row(net, patch, f"train step, 1 patch of {args.patch_slices} slices")]
     if not args.no_compile:
-        for module in (net.sam.image_encoder, net.sam.memory_attention, net.sam.sam_mask_decoder,
-                       net.sam.memory_encoder):
-            module.compile()
+        net.compile_per_slice_step()  # as stage 2 honours nnUNet_compile=t (model/compilation.py)
         rows += [prediction_row(net, volume, "  the same, SAM 2's modules compiled"),
                  training_row(net, patch, "  the same, SAM 2's modules compiled")]
     print(f"\ngpu-check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'the CPU (dry run)'}, "

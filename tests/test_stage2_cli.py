@@ -173,3 +173,20 @@ def test_cascade_refuses_a_missing_stage1_prediction_before_predicting_anything(
     last_line = proc.stderr.strip().splitlines()[-1]
     assert "CascadeInputError" in last_line and f"{test[-1]}.nii.gz does not exist" in last_line, last_line
     assert not list(out.glob("*.nii.gz"))
+
+
+def test_nnunet_compile_compiles_sam2s_per_slice_modules_never_the_network(in_process_trainer, monkeypatch):
+    """`nnUNet_compile=t` where nnU-Net compiles (its rule is faked true here: it keeps compile off on the CPU): the
+    trainer compiles SAM 2's per-slice modules, not the network with its walk through the slices; otherwise
+    nothing."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from torch._dynamo import OptimizedModule
+    from nnunetv2_rfmedsam.model import compilation
+    monkeypatch.setattr(nnUNetTrainer, "_do_i_compile", lambda self: True)
+    monkeypatch.setattr(compilation, "DEFAULT_BACKEND", "eager")
+    for setting, compiles in (("t", True), ("f", False)):
+        monkeypatch.setenv("nnUNet_compile", setting)
+        trainer = in_process_trainer()
+        trainer.initialize()
+        assert not isinstance(trainer.network, OptimizedModule)
+        assert compilation.is_compiled(trainer.network_module.sam) is compiles

@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from nnunetv2_rfmedsam.model.adapters import adapter_parameter_names, freeze_for_finetuning, inject_adapters
+from nnunetv2_rfmedsam.model.compilation import compile_per_slice_step
 from nnunetv2_rfmedsam.model.error_clicks import add_error_clicks
 from nnunetv2_rfmedsam.model.frames import ZSCORE_WINDOW, require_finite_intensities, slices_to_sam_frames
 from nnunetv2_rfmedsam.model.precision import sam2_precision
@@ -201,6 +202,11 @@ class RFMedSAM2Network(nn.Module):
         self._referenced_keys = {f"sam.{key}" for key, value in self.sam.state_dict(keep_vars=True).items()
                                  if key not in adapters and not value.requires_grad}
         self.sam2_reference = SAM2Reference.of_file(path, self.settings.model_size)
+
+    def compile_per_slice_step(self, **options) -> None:
+        """torch.compile SAM 2's per-slice modules in place (compilation.py), the way stage 2 honours
+        `nnUNet_compile`; compiling the whole network would compile the walk through the slices."""
+        compile_per_slice_step(self.sam, **options)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""

@@ -83,8 +83,15 @@ class nnUNetTrainerRFMedSAM2(AtomicCheckpointMixin, SupportedDatasetMixin, Envir
         return module._orig_mod if isinstance(module, OptimizedModule) else module
 
     def _do_i_compile(self):
-        # the per-slice loop over SAM 2 frames recompiles for every patch shape: compile only when asked for
-        return super()._do_i_compile() and os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
+        # nnU-Net compiles the whole network (and its Dice loss) when this says so; for the refiner that would compile
+        # the walk through the slices, so `initialize` compiles SAM 2's per-slice modules instead (compilation.py)
+        return False
+
+    def _compiles_per_slice_step(self) -> bool:
+        """nnU-Net's rule (not on the CPU, MPS or Windows), but only when `nnUNet_compile` asks for it: stage 2's
+        compile has not run on a GPU yet, so it is not on by default as stage 1's is."""
+        return nnUNetTrainer._do_i_compile(self) and \
+            os.environ.get("nnUNet_compile", "").lower() in ("true", "1", "t")
 
     def _set_batch_size_and_oversample(self):
         # nnU-Net splits the planned batch over the GPUs and refuses fewer patches than GPUs; stage 2 plans 2 (SAM 2
@@ -125,7 +132,11 @@ class nnUNetTrainerRFMedSAM2(AtomicCheckpointMixin, SupportedDatasetMixin, Envir
         return rotation, dummy_2d, initial_patch_size, mirror_axes
 
     def initialize(self):
+        compiles = not self.was_initialized and self._compiles_per_slice_step()
         super().initialize()
+        if compiles:
+            self.print_to_log_file("Using torch.compile on SAM 2's per-slice modules (not the walk through slices)")
+            self.network_module.compile_per_slice_step()
         if os.environ.get(SAM2_CHECKPOINT_VARIABLE):
             # now, not when training starts: nnUNetv2_train's -pretrained_weights compares the network's state dict
             # with the file's key by key, and a stage-2 file references SAM 2's frozen weights (sam2_reference.py)
