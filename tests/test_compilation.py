@@ -76,4 +76,4 @@ def test_nnunet_predictors_compile_gives_the_refiner_back_with_its_step_compiled
         compiled = predict_whole_volume(predictor, volume)
     assert predictor.network is network and compilation.is_compiled(network.sam)
     assert counter.frame_count >= len(compilation.PER_SLICE_MODULES)
-    torch.testing.assert_close(compiled, expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(compiled, expected, atol=2 ** -6, rtol=0)  # half precision, as nnU-Net keeps logits

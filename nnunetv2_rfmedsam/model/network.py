@@ -132,6 +132,9 @@ class RFMedSAM2Network(nn.Module):
         # where a forward in prediction keeps its logits (None: the input's device); whole_volume_prediction.py
         # moves them to the CPU when the GPU runs out of memory
         self.results_device: torch.device | None = None
+        # and in which dtype (None: float32); whole_volume_prediction.py asks for half precision, as nnU-Net's sliding
+        # window keeps its result buffers
+        self.results_dtype: torch.dtype | None = None
         whole_volume_prediction.install()
         cascade_inputs.install()
         cascade_export.install()
@@ -301,7 +304,8 @@ class RFMedSAM2Network(nn.Module):
         walk.end_after(walked)
         kept = range(passes) if keep_all_passes else [passes - 1]
         results_device = self.results_device if predicting and self.results_device is not None else x.device
-        logits = {p: torch.empty((batch, self.num_foreground_classes + 1, depth, height, width), dtype=torch.float32,
+        results_dtype = self.results_dtype if predicting and self.results_dtype is not None else torch.float32
+        logits = {p: torch.empty((batch, self.num_foreground_classes + 1, depth, height, width), dtype=results_dtype,
                                  device=results_device) for p in kept}
         scores = [x.new_full((objects.shape[0], depth), ABSENT_SCORE, dtype=torch.float32) for _ in range(passes)]
         features, chunk_start = None, None
