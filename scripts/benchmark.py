@@ -259,10 +259,26 @@ def _depth_memory_child(plans: dict, dataset_json: dict, depth: int, image_size:
             else None}
 
 
+@contextmanager
+def cpu_bfloat16(enabled: bool):
+    """SAM 2 in bfloat16 on the CPU while `enabled` (precision.py's switch)."""
+    from nnunetv2_rfmedsam.model.precision import CPU_BFLOAT16_VARIABLE
+    before = os.environ.get(CPU_BFLOAT16_VARIABLE)
+    if enabled:
+        os.environ[CPU_BFLOAT16_VARIABLE] = "t"
+    try:
+        yield
+    finally:
+        os.environ.pop(CPU_BFLOAT16_VARIABLE, None)
+        if before is not None:
+            os.environ[CPU_BFLOAT16_VARIABLE] = before
+
+
 def benchmark_trained_models(demo: Path, device) -> dict:
     """The demo's trained stage 1 (fold all) and stage 2 (fold 0) on its held-back cases, with the trainers'
     default test-time mirroring: seconds per case and Dice per class of stage 1, the cascade on whole volumes
-    and the cascade through nnU-Net's sliding window (tile step 0.5)."""
+    and the cascade through nnU-Net's sliding window (tile step 0.5); on the CPU also the cascade on whole volumes
+    with SAM 2 in bfloat16."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2_rfmedsam.evaluation.metrics import dice_score
@@ -282,7 +298,9 @@ def benchmark_trained_models(demo: Path, device) -> dict:
     refiner = stage2.network._orig_mod if hasattr(stage2.network, "_orig_mod") else stage2.network
     assert isinstance(refiner, RFMedSAM2Network)
     cases = sorted(f.name[:-len(".nii.gz")] for f in (raw / "labelsTs").glob("*.nii.gz"))
-    methods = ("stage1", "cascade_whole_volume", "cascade_windowed")
+    # on the CPU also SAM 2 in bfloat16 (RFMEDSAM2_CPU_BFLOAT16, precision.py), as it runs on a GPU
+    bfloat16 = ("cascade_whole_volume_bf16",) if device.type == "cpu" else ()
+    methods = ("stage1", "cascade_whole_volume", "cascade_windowed", *bfloat16)
     times = {m: [] for m in methods}
     dice = {m: {1: [], 2: []} for m in methods}
     for case in cases:
@@ -291,9 +309,9 @@ def benchmark_trained_models(demo: Path, device) -> dict:
         with timed(times["stage1"]):
             segmentation = stage1.predict_single_npy_array(image, properties, None, None, False)
         outputs = {"stage1": segmentation}
-        for method, whole in (("cascade_whole_volume", True), ("cascade_windowed", False)):
-            refiner.predicts_whole_volumes = whole
-            with timed(times[method]):
+        for method in methods[1:]:
+            refiner.predicts_whole_volumes = method != "cascade_windowed"
+            with cpu_bfloat16(method in bfloat16), timed(times[method]):
                 outputs[method] = stage2.predict_single_npy_array(image, properties,
                                                                   segmentation[None].astype(np.int16), None, False)
         for method, output in outputs.items():
@@ -432,10 +450,10 @@ def print_tables(results: dict) -> None:
         d = results["demo"]
         print(f"\nthe demo's trained models, {len(d['cases'])} held-back cases, default test-time mirroring")
         stage1 = d["stage1"]["s_per_case"]
-        for method in ("stage1", "cascade_whole_volume", "cascade_windowed"):
+        for method in [m for m in d if m.startswith(("stage1", "cascade_"))]:
             ratio = "" if method == "stage1" else \
                 f", cascade over stage 1 {(stage1 + d[method]['s_per_case']) / stage1:.2f}x"
-            print(f"  {method:<22} {d[method]['s_per_case']:6.2f} s per case{ratio}, Dice "
+            print(f"  {method:<26} {d[method]['s_per_case']:6.2f} s per case{ratio}, Dice "
                   f"{' / '.join(f'{v:.4f}' for v in d[method]['dice'].values())} (mean {d[method]['mean_dice']:.4f})")
 
 

@@ -112,24 +112,30 @@ def test_building_sam2_touches_no_cuda_where_cuda_exists(monkeypatch):
 
 
 def test_precision_follows_the_device(monkeypatch):
+    monkeypatch.delenv(precision.CPU_BFLOAT16_VARIABLE, raising=False)
     assert precision.sam2_compute_dtype(torch.device("cpu")) is None
+    monkeypatch.setenv(precision.CPU_BFLOAT16_VARIABLE, "t")
+    assert precision.sam2_compute_dtype(torch.device("cpu")) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert precision.sam2_compute_dtype(torch.device("cuda")) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # V100, T4
     assert precision.sam2_compute_dtype(torch.device("cuda")) is torch.float16
 
 
-def test_prediction_and_training_under_cpu_bfloat16_autocast():
-    """SAM 2 in reduced precision, as on a GPU: the logits stay float32 and finite, and a training step gives
-    finite gradients to every trainable parameter."""
+def test_prediction_and_training_in_cpu_bfloat16(monkeypatch):
+    """SAM 2 in reduced precision, as on a GPU (RFMEDSAM2_CPU_BFLOAT16=t): it does run in bfloat16 (the logits
+    differ from float32's), the logits stay float32 and finite, and a training step gives finite gradients to every
+    trainable parameter."""
     net = network()
     x = volume()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with torch.no_grad():
-            logits = net.eval()(x)
-        training_step(net, x)
+    with torch.no_grad():
+        in_float32 = net.eval()(x)
+    monkeypatch.setenv(precision.CPU_BFLOAT16_VARIABLE, "t")
+    with torch.no_grad():
+        logits = net.eval()(x)
+    training_step(net, x)
     assert logits.dtype == torch.float32 and logits.shape == (1, 3, *x.shape[2:])
-    assert torch.isfinite(logits).all()
+    assert torch.isfinite(logits).all() and not torch.equal(logits, in_float32)
     gradients = [p.grad for p in net.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in gradients)
 
