@@ -4,8 +4,8 @@
 Rows: stage 2's whole-volume prediction of a synthetic CT (slices x size x size, 13 classes, SAM 2 at its native
 input 1024) with seconds per volume, peak allocated memory and host synchronisations (reads counted by
 host_syncs.py, and the synchronisations CUDA itself reports under `torch.cuda.set_sync_debug_mode("warn")`); one
-stage-2 training step at the same input (SAM 2 in its precision for the GPU, precision.py) with its peak memory,
-with torch.compile off and on. Then it runs the benchmark's CT rows (scripts/benchmark.py --ct), stage 1 against
+stage-2 training step at the same input (SAM 2 in its precision for the GPU, precision.py) with its peak memory
+beside the planner's memory model (planners/training_memory.py), with torch.compile off and on. Then it runs the benchmark's CT rows (scripts/benchmark.py --ct), stage 1 against
 the cascade through nnU-Net's predictor, unless --no-benchmark.
 
 On a machine without a GPU it refuses in one line (exit 2). `--allow-cpu` runs the same rows on the CPU at sizes
@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from nnunetv2_rfmedsam.host_syncs import HostSyncCounter  # noqa: E402
 from nnunetv2_rfmedsam.model.network import RFMedSAM2Network  # noqa: E402
 from nnunetv2_rfmedsam.model.precision import sam2_compute_dtype  # noqa: E402
+from nnunetv2_rfmedsam.planners.training_memory import estimate_training_memory  # noqa: E402
 
 NO_GPU = ("gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False); it measures stage 2 on a "
           "GPU: run it where there is one (or pass --allow-cpu for a dry run)")
@@ -109,7 +110,10 @@ def training_row(net: RFMedSAM2Network, x: torch.Tensor, label: str) -> list[str
     step()
     synchronize(device)
     net.eval()
-    return [label, f"{time.perf_counter() - start:.2f} s/step", peak_memory(device), ""]
+    seconds = time.perf_counter() - start
+    estimate = estimate_training_memory(net.settings, x.shape[0], net.num_foreground_classes, tuple(x.shape[-2:]))
+    return [label, f"{seconds:.2f} s/step", peak_memory(device),
+            f"memory model (planner's upper bound): {estimate.total / 2**30:.2f} GiB"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ngpu-check on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'the CPU (dry run)'}, "
           f"SAM 2 tiny at input {args.image_size} in {str(precision).replace('torch.', '')}:")
     widths = [max(len(row[c]) for row in rows) for c in range(4)]
-    for row in [["what", "time", "peak allocated", "host synchronisations"], *rows]:
+    for row in [["what", "time", "peak allocated", "host synchronisations / memory model"], *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
     if not args.no_benchmark:
         subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--device", device.type,

@@ -157,4 +157,5 @@ def test_gpu_check_dry_run_prints_its_table_on_the_cpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout.splitlines()
     assert any(line.startswith("predict (6, 32, 32), 2 classes") and "2 reads" in line for line in table), table
-    assert any(line.startswith("train step, 1 patch of 2 slices") for line in table), table
+    assert any(line.startswith("train step, 1 patch of 2 slices") and "memory model" in line and "GiB" in line
+               for line in table), table
