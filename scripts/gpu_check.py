@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """`make gpu-check`: what a CPU cannot show, measured on a GPU in one command, printed as one table.
 
-Rows: stage 2's whole-volume prediction of a synthetic CT (slices x size x size, 13 classes, SAM 2 at its native
+Rows: the refiner on the GPU against the same refiner on the CPU in float32, whose path the fidelity tests hold
+to sam2's own predictors (so the GPU's agreement with sam2 follows), in float32 and in SAM 2's GPU precision;
+stage 2's whole-volume prediction of a synthetic CT (slices x size x size, 13 classes, SAM 2 at its native
 input 1024) with seconds per volume, peak allocated memory and host synchronisations (reads counted by
 host_syncs.py, and the synchronisations CUDA itself reports under `torch.cuda.set_sync_debug_mode("warn")`); one
 stage-2 training step at the same input (SAM 2 in its precision for the GPU, precision.py) with its peak memory
-beside the planner's memory model (planners/training_memory.py), with torch.compile off and on. Then it runs the benchmark's CT rows (scripts/benchmark.py --ct), stage 1 against
-the cascade through nnU-Net's predictor, unless --no-benchmark.
+beside the planner's memory model (planners/training_memory.py); both with torch.compile off and on. Then it runs
+the benchmark's CT rows (scripts/benchmark.py --ct), stage 1 against the cascade through nnU-Net's predictor,
+unless --no-benchmark.
 
 On a machine without a GPU it refuses in one line (exit 2). `--allow-cpu` runs the same rows on the CPU at sizes
 given by the options, which is how the tests keep this script working where no GPU is.
@@ -14,11 +17,13 @@ given by the options, which is how the tests keep this script working where no G
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -26,9 +31,11 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from nnunetv2_rfmedsam.host_syncs import HostSyncCounter  # noqa: E402
+from nnunetv2_rfmedsam.model import network as network_module  # noqa: E402
 from nnunetv2_rfmedsam.model.network import RFMedSAM2Network  # noqa: E402
 from nnunetv2_rfmedsam.model.precision import sam2_compute_dtype  # noqa: E402
 from nnunetv2_rfmedsam.planners.training_memory import estimate_training_memory  # noqa: E402
+from nnunetv2_rfmedsam.raw_dataset import hippocampus_source, list_cases  # noqa: E402
 
 NO_GPU = ("gpu-check: no CUDA GPU on this machine (torch.cuda.is_available() is False); it measures stage 2 on a "
           "GPU: run it where there is one (or pass --allow-cpu for a dry run)")
@@ -91,6 +98,40 @@ def prediction_row(net: RFMedSAM2Network, x: torch.Tensor, label: str) -> list[s
             f"per slice); CUDA reports {reported}"]
 
 
+def hippocampus_case() -> torch.Tensor:
+    """A real hippocampus MRI (z-scored) and its two labels as stage-1 masks: (1, 3, D, H, W)."""
+    import SimpleITK as sitk
+    source = hippocampus_source()
+    case = list_cases(source)[0]
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(source / "imagesTr" / f"{case}_0000.nii.gz"))).astype("float32")
+    label = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(source / "labelsTr" / f"{case}.nii.gz"))))
+    image = torch.from_numpy((image - image.mean()) / image.std())
+    return torch.stack([image, (label == 1).float(), (label == 2).float()])[None]
+
+
+def fidelity_row(device: torch.device, image_size: int) -> list[str]:
+    """The refiner on `device` against the same refiner on the CPU in float32, the path the fidelity tests hold to
+    sam2's own SAM2ImagePredictor and SAM2VideoPredictor: a real hippocampus case, 2 classes, gates open (the
+    output is SAM 2's logits), on the device in float32 and in its precision for SAM 2 (precision.py)."""
+    torch.manual_seed(0)
+    net = RFMedSAM2Network(3, 3, model_size="tiny", image_size=image_size).eval()
+    net.set_prompt_gates(1.0)
+    x = hippocampus_case()
+    with torch.no_grad():
+        reference = net(x)
+        net.to(device)
+        with mock.patch.object(network_module, "sam2_precision", lambda _: contextlib.nullcontext()):
+            in_float32 = net(x.to(device)).cpu()
+        in_precision = net(x.to(device)).cpu()
+    dtype = str(sam2_compute_dtype(device) or torch.float32).replace("torch.", "")
+    differences = []
+    for logits, name in ((in_float32, "float32"), (in_precision, dtype)):
+        equal_labels = (logits.argmax(1) == reference.argmax(1)).float().mean()
+        differences.append(f"{(logits - reference).abs().max():.1e} in {name} ({equal_labels:.4%} of labels equal)")
+    return [f"fidelity: refiner here vs. on the CPU, input {image_size}", "", "",
+            "max |logit difference| " + ", ".join(differences)]
+
+
 def training_row(net: RFMedSAM2Network, x: torch.Tensor, label: str) -> list[str]:
     device = x.device
     net.train()
@@ -124,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512, help="its slices' height and width")
     parser.add_argument("--image-size", type=int, default=1024, help="SAM 2's input size")
     parser.add_argument("--patch-slices", type=int, default=8, help="slices per training patch")
+    parser.add_argument("--fidelity-image-size", type=int, default=256,
+                        help="SAM 2's input size for the fidelity row (the CPU computes the reference)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     parser.add_argument("--no-benchmark", action="store_true", help="leave out scripts/benchmark.py's CT rows")
     args = parser.parse_args(argv)
@@ -137,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     precision = sam2_compute_dtype(device) or torch.float32
     volume = synthetic_ct(args.classes, args.slices, args.size, device)
     patch = synthetic_ct(args.classes, args.patch_slices, args.size, device)
-    rows = [prediction_row(net, volume, f"predict {tuple(volume.shape[2:])}, {args.classes} classes"),
+    rows = [fidelity_row(device, args.fidelity_image_size),
+            prediction_row(net, volume, f"predict {tuple(volume.shape[2:])}, {args.classes} classes"),
             training_row(net, patch, f"train step, 1 patch of {args.patch_slices} slices")]
     if not args.no_compile:
         net.compile_per_slice_step()  # as stage 2 honours nnUNet_compile=t (model/compilation.py)

@@ -152,10 +152,14 @@ def test_gpu_check_dry_run_prints_its_table_on_the_cpu():
     where no GPU is to run it."""
     proc = subprocess.run([sys.executable, str(GPU_CHECK), "--allow-cpu", "--classes", "2", "--slices", "6",
                            "--size", "32", "--image-size", "64", "--patch-slices", "2", "--no-compile",
+                           "--fidelity-image-size", "64",
                            "--no-benchmark"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout.splitlines()
     assert any(line.startswith("predict (6, 32, 32), 2 classes") and "2 reads" in line for line in table), table
+    # on the CPU the row compares the CPU with itself
+    assert any(line.startswith("fidelity: refiner here vs. on the CPU") and
+               "0.0e+00 in float32 (100.0000% of labels equal)" in line for line in table), table
     assert any(line.startswith("train step, 1 patch of 2 slices") and "memory model" in line and "GiB" in line
                for line in table), table
