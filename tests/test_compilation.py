@@ -77,3 +77,32 @@ def test_nnunet_predictors_compile_gives_the_refiner_back_with_its_step_compiled
     assert predictor.network is network and compilation.is_compiled(network.sam)
     assert counter.frame_count >= len(compilation.PER_SLICE_MODULES)
     torch.testing.assert_close(compiled, expected, atol=2 ** -6, rtol=0)  # half precision, as nnU-Net keeps logits
+
+
+def test_a_training_step_through_the_compiled_modules_gives_the_same_gradients(monkeypatch):
+    """As the trainer runs under nnUNet_compile=t: the compiled modules' backward gives every trainable parameter
+    the gradient of the modules as written."""
+    volume = hippocampus_volume(slices=16)
+    patch = volume[:, :, 8:12]  # a training patch of 4 slices through both structures
+    target = (patch[:, 1:2] + 2 * patch[:, 2:3]).clamp(max=2)
+
+    def gradients(network: RFMedSAM2Network) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)  # the same box jitter, dropped prompts and clicks
+        network.train()
+        network.zero_grad()
+        network.set_click_targets(target)
+        output = network(patch)
+        loss = sum(logits.square().mean() for logits in output.passes) + \
+            sum(scores.square().mean() for scores in output.object_scores)
+        loss.backward()
+        return {name: p.grad.clone() for name, p in network.named_parameters() if p.grad is not None}
+
+    network = gated_network()
+    expected = gradients(network)
+    counters = compile_counted(network, monkeypatch)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        compiled = gradients(network)
+    assert all(counter.frame_count >= 1 for counter in counters.values())
+    assert compiled.keys() == expected.keys() and len(expected) > 10
+    for name, gradient in expected.items():
+        torch.testing.assert_close(compiled[name], gradient, atol=1e-5, rtol=1e-4, msg=name)
