@@ -8,6 +8,7 @@ whatever the weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -635,6 +636,28 @@ def test_session_holds_each_slices_features_once_and_the_positions_for_one(sessi
     assert features.bytes_per_slice() == expected
     print(f"session features at input {session.network.settings.image_size}: {expected} bytes per slice, "
           f"{sum(p.numel() * p.element_size() for p in features.vision_pos_embeds)} bytes of positions in all")
+
+
+def test_features_over_the_budget_are_held_on_the_host_with_the_same_results(model_dir, case, session):
+    """`feature_budget_gb`: a volume's features larger than the budget stay in host memory (pinned where the device
+    is a GPU) and come to the device a slice at a time; the results are the same."""
+    box_slice, box = truth_box(case["truth"])
+    session.add_box(CLASS, box_slice, box)
+    offloaded = InteractiveSession.from_model_folder(model_dir, STAGE2_FOLD, feature_budget_gb=0)
+    offloaded.set_image(case["image"])
+    assert offloaded.features.device == offloaded.device
+    assert all(x.device.type == "cpu" for x in offloaded.features.vision_feats)
+    assert session.features.device is None  # no budget: held on the device, as before
+    offloaded.add_box(CLASS, box_slice, box)
+    torch.testing.assert_close(class_logits(offloaded), class_logits(session), atol=0, rtol=0)
+
+
+def test_held_features_come_to_the_compute_device_one_image_at_a_time(session):
+    """Where SAM 2 computes elsewhere than the features are held ('meta' stands for a GPU here), a slice's
+    features reach it as one image, expanded over the objects there."""
+    streamed = dataclasses.replace(session.features, device=torch.device("meta"))
+    features, positions = streamed.for_objects(3, 2)
+    assert all(x.device.type == "meta" and x.shape[1] == 2 and x.stride(1) == 0 for x in features + positions)
 
 
 def test_undo_beyond_the_kept_results_recomputes_the_same(session, case):

@@ -132,7 +132,7 @@ class _SliceStep:
 
     def __call__(self, d: int, prompt: SlicePrompt | None, memory_bank: dict, is_initial: bool,
                  reverse: bool) -> SliceResult:
-        device = self.features.vision_feats[0].device
+        device = self.features.compute_device
         if prompt is None:
             prompts = ObjectPrompts(present=torch.zeros(1, 1, dtype=torch.bool, device=device),
                                     boxes=torch.zeros(1, 1, 4, device=device), unprompted=frozenset({0}))

@@ -87,8 +87,13 @@ class _Start:
 
 class InteractiveSession:
     def __init__(self, network: RFMedSAM2Network, plans_manager: PlansManager,
-                 configuration_manager: ConfigurationManager, dataset_json: dict, device: str | torch.device = "cpu"):
+                 configuration_manager: ConfigurationManager, dataset_json: dict, device: str | torch.device = "cpu",
+                 feature_budget_gb: float | None = None):
+        """`feature_budget_gb`: a volume whose image features would take more of the device's memory than this
+        keeps them in pinned host memory instead, each slice's copied to the device as it is used (None: always on
+        the device; at input 1024 a slice's features take 8 MiB in bfloat16)."""
         self.device = torch.device(device)
+        self.feature_budget_gb = feature_budget_gb
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InteractiveError(f"device {device}: no CUDA device is available")
         self.network = network.to(self.device).eval()
@@ -109,7 +114,8 @@ class InteractiveSession:
 
     @classmethod
     def from_model_folder(cls, model_dir, fold, checkpoint_name: str = "checkpoint_final.pth",
-                          device: str | torch.device = "cpu") -> "InteractiveSession":
+                          device: str | torch.device = "cpu",
+                          feature_budget_gb: float | None = None) -> "InteractiveSession":
         """A trained `3d_rfmedsam2` model folder (nnUNetTrainerRFMedSAM2__<plans>__3d_rfmedsam2) and fold."""
         model_dir = Path(model_dir)
         for name in ("dataset.json", "plans.json"):
@@ -133,7 +139,7 @@ class InteractiveSession:
             determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
             label_manager.num_segmentation_heads, enable_deep_supervision=False)
         network.load_state_dict(checkpoint["network_weights"])
-        return cls(network, plans_manager, configuration_manager, dataset_json, device)
+        return cls(network, plans_manager, configuration_manager, dataset_json, device, feature_budget_gb)
 
     # --- the image ---
 
@@ -157,17 +163,27 @@ class InteractiveSession:
         buffer per level (no concatenation, which would hold them twice), in the precision SAM 2 computes in; the
         position encodings once (`SliceFeatures.shared_positions`)."""
         chunk, depth = self.network.settings.slices_per_patch, data.shape[1]
-        features, positions, sizes = None, None, None
+        features, positions, sizes, offloaded = None, None, None, False
         for start in range(0, depth, chunk):
             part = encode_slices(self.network.sam, self.network.sam_frames(data[None, :, start:start + chunk]),
                                  data[:, start:start + chunk].shape[1])
             if features is None:
-                features = [x.new_empty((x.shape[0], depth, x.shape[2])) for x in part.vision_feats]
+                offloaded = self._over_feature_budget(depth * sum(x.shape[0] * x.shape[2] * x.element_size()
+                                                                  for x in part.vision_feats))
+                home = torch.device("cpu") if offloaded else self.device
+                pinned = offloaded and self.device.type == "cuda"  # pinned: the copies to the device run async
+                features = [torch.empty((x.shape[0], depth, x.shape[2]), dtype=x.dtype, device=home, pin_memory=pinned)
+                            for x in part.vision_feats]
                 positions, sizes = [p[:, :1].clone() for p in part.vision_pos_embeds], part.feat_sizes
             for buffer, level in zip(features, part.vision_feats):
-                buffer[:, start:start + level.shape[1]] = level
+                buffer[:, start:start + level.shape[1]].copy_(level)
         return SliceFeatures(vision_feats=features, vision_pos_embeds=positions, feat_sizes=sizes, num_slices=depth,
-                             shared_positions=True)
+                             shared_positions=True, device=self.device if offloaded else None)
+
+    def _over_feature_budget(self, volume_bytes: int) -> bool:
+        """Whether a volume's image features would take more than `feature_budget_gb` of the device's memory (then
+        they are held in host memory)."""
+        return self.feature_budget_gb is not None and volume_bytes > self.feature_budget_gb * 2 ** 30
 
     def _precision(self):
         # as RFMedSAM2Network.forward

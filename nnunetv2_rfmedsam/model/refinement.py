@@ -63,13 +63,21 @@ class SliceFeatures:
 
     `shared_positions`: the position encodings are held for one image (H_l * W_l, 1, C_l) and serve every slice.
     They depend on the feature grid alone (sam2's PositionEmbeddingSine repeats one encoding over the batch), and at
-    input 1024 they are four fifths of a slice's features: a session keeping a volume's features holds them once."""
+    input 1024 they are four fifths of a slice's features: a session keeping a volume's features holds them once.
+
+    `device`: where SAM 2 computes, if the image features are held elsewhere (a session's features offloaded to
+    pinned host memory): one image's features are then copied there as a slice is used."""
 
     vision_feats: list[torch.Tensor]
     vision_pos_embeds: list[torch.Tensor]
     feat_sizes: list[tuple[int, int]]
     num_slices: int
     shared_positions: bool = False
+    device: torch.device | None = None
+
+    @property
+    def compute_device(self) -> torch.device:
+        return self.device if self.device is not None else self.vision_feats[0].device
 
     def bytes_per_slice(self) -> int:
         """Bytes held per slice (the shared position encodings apart)."""
@@ -90,7 +98,8 @@ class SliceFeatures:
         if self.batch_size == 1:
             # one image for every object (prediction): views, as SAM2VideoPredictor expands its cached features
             def pick(x, index=slice_index):
-                return x[:, index:index + 1].expand(-1, num_objects, -1)
+                image = x[:, index:index + 1].to(self.compute_device, non_blocking=True)
+                return image.expand(-1, num_objects, -1)
             if self.shared_positions:
                 return [pick(x) for x in self.vision_feats], [pick(x, 0) for x in self.vision_pos_embeds]
         else:
