@@ -38,7 +38,10 @@ RESULTS_DTYPE = torch.float16
 
 def find_refiner(network: torch.nn.Module) -> torch.nn.Module | None:
     """The refiner behind `network` (unwrapping torch.compile and DistributedDataParallel), or None."""
-    while network is not None and not hasattr(network, "predicts_whole_volumes"):
+    from torch._dynamo import OptimizedModule
+    # torch.compile's wrapper answers for its module's attributes: it is unwrapped whatever it answers
+    while network is not None and (isinstance(network, OptimizedModule) or
+                                   not hasattr(network, "predicts_whole_volumes")):
         inner = getattr(network, "_orig_mod", None) or getattr(network, "module", None)
         network = None if inner is network else inner
     return network
@@ -129,8 +132,7 @@ def compile_the_step_not_the_walk(predictor) -> None:
     SAM 2's per-slice modules compiled; the wrapper never ran, so nothing was compiled for it."""
     from torch._dynamo import OptimizedModule
     if isinstance(predictor.network, OptimizedModule):
-        # not find_refiner(predictor.network): the wrapper answers for its module's attributes
-        refiner = find_refiner(predictor.network._orig_mod)
+        refiner = find_refiner(predictor.network)
         refiner.compile_per_slice_step()
         predictor.network = refiner
 
