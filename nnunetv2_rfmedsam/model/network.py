@@ -32,6 +32,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from nnunetv2_rfmedsam.model.adapters import adapter_parameter_names, freeze_for_finetuning, inject_adapters
 from nnunetv2_rfmedsam.model.compilation import compile_per_slice_step
+from nnunetv2_rfmedsam.model.device_constants import device_constant
 from nnunetv2_rfmedsam.model.error_clicks import add_error_clicks
 from nnunetv2_rfmedsam.model.frames import ZSCORE_WINDOW, require_finite_intensities, slices_to_sam_frames
 from nnunetv2_rfmedsam.model.precision import sam2_precision
@@ -394,6 +395,7 @@ class RFMedSAM2Network(nn.Module):
         with no gradient into their gates: SAM 2 said nothing about them that the loss could judge."""
         if self._tracked_classes is None:
             return per_class
-        tracked = set(self._tracked_classes.tolist())
-        return torch.stack([per_class[:, k] if k in tracked else prompt[:, k] for k in range(per_class.shape[1])],
-                           dim=1)
+        tracked = tuple(k in self._tracked_classes for k in range(per_class.shape[1]))
+        # torch.where passes no gradient to the branch it does not take
+        return torch.where(device_constant(tracked, torch.bool, per_class.device).reshape(1, -1, 1, 1, 1),
+                           per_class, prompt)

@@ -33,7 +33,7 @@ for.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -87,14 +87,15 @@ MODEL_MEMORY = {
     "base_plus": ModelMemory(parameters=81860100, trainable=1775203, activations=ActivationCoefficients(
         slice_image_pixel=3387, padded_token_channel=26.3, object_slice_pixel=235.3, object_pass_pixel=143.9,
         memory_read_pixel=120.9, class_grid_voxel=13.27), source="measured"),
-    # Not measured (the fit's measurements ran out of this machine's memory). The image term extrapolated from the
-    # three measured sizes, whose per-pixel image coefficients grow linearly (519 + 52 x) with Hiera's channels per
-    # input pixel summed over blocks, x = sum over blocks of C_stage / (16 * 4^(stage-1)): tiny 24, small 30,
-    # base_plus 55.1, large 130.5; the other terms base_plus's (large pads no window at 1024 anyway).
-    "large": ModelMemory(parameters=226604628, trainable=2923267, activations=ActivationCoefficients(
-        slice_image_pixel=7305, padded_token_channel=26.3, object_slice_pixel=235.3, object_pass_pixel=143.9,
-        memory_read_pixel=120.9, class_grid_voxel=13.27), source="extrapolated from tiny, small and base_plus"),
 }
+# large: not measured (the fit's measurements ran out of this machine's memory). The image term extrapolated from the
+# three measured sizes, whose per-pixel image coefficients grow linearly (519 + 52 x) with Hiera's channels per
+# input pixel summed over blocks, x = sum over blocks of C_stage / (16 * 4^(stage-1)): tiny 24, small 30,
+# base_plus 55.1, large 130.5; the other terms base_plus's (large pads no window at 1024 anyway).
+MODEL_MEMORY["large"] = ModelMemory(
+    parameters=226604628, trainable=2923267,
+    activations=replace(MODEL_MEMORY["base_plus"].activations, slice_image_pixel=7305),
+    source="extrapolated from tiny, small and base_plus")
 
 
 def memory_reads(slices_per_patch: int, use_memory: bool = True) -> int:
